@@ -1,0 +1,5 @@
+"""Run the command line interface as ``python -m gateway``."""
+
+from gateway.cli import main
+
+main()

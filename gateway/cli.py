@@ -1,0 +1,658 @@
+"""The `listgate` command: run the gateway and manage lists, members, the queue.
+
+Errors say what to do and exit non-zero: 1 for a failed operation, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import datetime
+import logging
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+import sqlalchemy as sa
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from gateway import addresses, lists, queue, routing
+from gateway.clock import SystemClock
+from gateway.config import Config, load, store_url
+from gateway.errors import AddressError, ListgateError, NotFound
+from gateway.policy import Policies
+from gateway.schema import QUEUE_TABLES, Mode, RoleName, State, journal, messages, outbound, work
+from gateway.store import Store
+
+out = Console(highlight=False)
+err = Console(stderr=True, highlight=False)
+F = TypeVar("F", bound=Callable[..., Any])
+
+DEFAULT_CONFIG = "listgate.toml"
+
+
+@dataclass
+class Context:
+    config_path: Path
+
+    def config(self) -> Config:
+        path = self.config_path if self.config_path.exists() else None
+        if path is None and self.config_path != Path(DEFAULT_CONFIG):
+            load(self.config_path)  # raises: says the file is missing and how to make one
+        return load(path)
+
+    @contextmanager
+    def store(self, *, check: bool = True) -> Iterator[Store]:
+        config = self.config()
+        store = Store(store_url(config), clock=SystemClock(), pool_size=2)
+        try:
+            if check:
+                store.check_schema()
+            yield store
+        finally:
+            store.dispose()
+
+
+def fail_cleanly(fn: F) -> F:
+    """Turn our errors into one readable line and exit status 1."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except ListgateError as exc:
+            err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+            sys.exit(1)
+    return wrapper  # type: ignore[return-value]
+
+
+def now() -> float:
+    return SystemClock().now()
+
+
+def when(ts: float | None) -> str:
+    if ts is None:
+        return "-"
+    return datetime.datetime.fromtimestamp(ts).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "-c", "config_path", type=click.Path(path_type=Path),
+              default=lambda: os.environ.get("LISTGATE_CONFIG", DEFAULT_CONFIG),
+              show_default="$LISTGATE_CONFIG or ./listgate.toml",
+              help="The configuration file.")
+@click.pass_context
+def main(ctx: click.Context, config_path: Path) -> None:
+    """Listgate: a mailing-list gateway that keeps lists a place for discussion."""
+    ctx.obj = Context(config_path)
+
+
+# -- set-up and running ----------------------------------------------------------
+
+EXAMPLE_CONFIG = """\
+# Listgate configuration. Every key is optional; see deploy/listgate.toml for all of them.
+
+[store]
+url = "sqlite:///listgate.db"
+
+[intake]
+listen = ["smtp://127.0.0.1:2525", "lmtp://127.0.0.1:2424"]
+
+[delivery]
+# With no smarthost, what members would receive is written to the outbox folder.
+# smarthost = "smtp://127.0.0.1:25"
+outbox = "outbox"
+"""
+
+EXAMPLE_LIST = "discuss@example.org"
+EXAMPLE_MEMBERS = (("alice@example.net", "Alice"), ("bob@example.net", "Bob"),
+                   ("carol@example.net", "Carol"))
+
+
+@main.command()
+@click.option("--example", is_flag=True, help=f"Also create the list {EXAMPLE_LIST} with members.")
+@click.pass_obj
+@fail_cleanly
+def init(obj: Context, example: bool) -> None:
+    """Create the configuration file (if missing) and the store, or bring it up to date."""
+    path = obj.config_path
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
+        out.print(f"wrote {path}")
+    with obj.store(check=False) as store:
+        store.upgrade()
+        out.print(f"store ready: {store.engine.url.render_as_string(hide_password=True)}")
+        if example:
+            _example(store)
+
+
+def _example(store: Store) -> None:
+    with store.write() as conn:
+        try:
+            lst = lists.get(conn, EXAMPLE_LIST)
+            out.print(f"example list {EXAMPLE_LIST} already exists")
+            return
+        except NotFound:
+            pass
+        lst = lists.create(conn, EXAMPLE_LIST, now=now(), display_name="Discuss",
+                           description="An example discussion list")
+        for address, name in EXAMPLE_MEMBERS:
+            lists.add_member(conn, lst, address, now=now(), display_name=name)
+        lists.add_role(conn, lst, EXAMPLE_MEMBERS[0][0], RoleName.OWNER)
+        lists.add_role(conn, lst, EXAMPLE_MEMBERS[0][0], RoleName.MODERATOR)
+    out.print(f"created {EXAMPLE_LIST} with members "
+              f"{', '.join(a for a, _n in EXAMPLE_MEMBERS)} (owner: {EXAMPLE_MEMBERS[0][0]})")
+
+
+@main.command()
+@click.pass_obj
+@fail_cleanly
+def serve(obj: Context) -> None:
+    """Run the gateway until SIGTERM or Ctrl-C."""
+    from gateway.daemon import Daemon
+
+    config = obj.config()
+    logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
+    daemon = Daemon(config)
+
+    def ready() -> None:
+        for b in daemon.bound:
+            out.print(f"listening: {b.protocol}://{b.host}:{b.port}")
+        if not config.delivery.smarthost:
+            outbox = config.delivery.outbox / "new"
+            out.print(f"no smarthost set: mail for members goes to {outbox}")
+
+    asyncio.run(daemon.run(ready=ready, handle_signals=True))
+
+
+@main.group()
+def db() -> None:
+    """The store's schema."""
+
+
+@db.command("upgrade")
+@click.pass_obj
+@fail_cleanly
+def db_upgrade(obj: Context) -> None:
+    """Migrate the store to the newest schema."""
+    with obj.store(check=False) as store:
+        store.upgrade()
+        current, _head = store.revisions()
+        out.print(f"store at revision {current}")
+
+
+@db.command("status")
+@click.pass_obj
+@fail_cleanly
+def db_status(obj: Context) -> None:
+    """Show the store's schema revision and whether it needs an upgrade."""
+    with obj.store(check=False) as store:
+        current, head = store.revisions()
+        out.print(f"store revision {current or 'none'}; newest {head}"
+                  + ("" if current == head else " -- run `listgate db upgrade`"))
+        if current != head:
+            sys.exit(1)
+
+
+# -- lists ------------------------------------------------------------------------------
+
+@main.group("lists")
+def lists_group() -> None:
+    """Create, show and list mailing lists."""
+
+
+@lists_group.command("create")
+@click.argument("address")
+@click.option("--name", "display_name", help="Display name (default: the list name).")
+@click.option("--description", default="", help="One line about the list.")
+@click.option("--prefix", "subject_prefix", help='Subject prefix (default: "[Name]"; "" for none).')
+@click.option("--archive-url", help="URL of the list's archive, for List-Archive.")
+@click.option("--owner", "owners", multiple=True, help="An owner's address (repeatable).")
+@click.pass_obj
+@fail_cleanly
+def lists_create(obj: Context, address: str, display_name: str | None, description: str,
+                 subject_prefix: str | None, archive_url: str | None,
+                 owners: tuple[str, ...]) -> None:
+    """Create the list ADDRESS (name@domain)."""
+    with obj.store() as store, store.write() as conn:
+        lst = lists.create(conn, address, now=now(), display_name=display_name,
+                           description=description, subject_prefix=subject_prefix,
+                           archive_url=archive_url)
+        for owner in owners:
+            lists.add_role(conn, lst, owner, RoleName.OWNER)
+    out.print(f"created {lst.address}")
+
+
+@lists_group.command("ls")
+@click.pass_obj
+@fail_cleanly
+def lists_ls(obj: Context) -> None:
+    """All lists, with member counts."""
+    with obj.store() as store, store.read() as conn:
+        table = Table("list", "name", "members", "regular", "digest", "nomail")
+        for lst in lists.all_lists(conn):
+            counts = lists.count_members(conn, lst)
+            digest = sum(n for m, n in counts.items() if m.value.startswith("digest"))
+            table.add_row(lst.address, lst.display_name, str(sum(counts.values())),
+                          str(counts.get(Mode.REGULAR, 0)), str(digest),
+                          str(counts.get(Mode.NOMAIL, 0)))
+    out.print(table)
+
+
+@lists_group.command("show")
+@click.argument("address")
+@click.pass_obj
+@fail_cleanly
+def lists_show(obj: Context, address: str) -> None:
+    """Everything about one list."""
+    with obj.store() as store, store.read() as conn:
+        lst = lists.get(conn, address)
+        counts = lists.count_members(conn, lst)
+        owners = lists.role_holders(conn, lst.id, RoleName.OWNER)
+        moderators = lists.role_holders(conn, lst.id, RoleName.MODERATOR)
+    table = Table(show_header=False)
+    for key, value in (
+        ("address", lst.address), ("name", lst.display_name),
+        ("description", lst.description or "-"), ("subject prefix", lst.subject_prefix or "-"),
+        ("List-Id", f"<{lst.identity.list_id}>"), ("archive", lst.archive_url or "-"),
+        ("owners", ", ".join(owners) or "- (none: mail to -owner is not forwarded)"),
+        ("moderators", ", ".join(moderators) or "-"),
+        ("members", ", ".join(f"{n} {m.value}" for m, n in sorted(
+            counts.items(), key=lambda kv: kv[0].value)) or "none"),
+        ("created", when(lst.created_at)),
+    ):
+        table.add_row(key, value)
+    out.print(table)
+
+
+@lists_group.command("delete")
+@click.argument("address")
+@click.option("--yes", is_flag=True, help="Really delete the list and its members.")
+@click.pass_obj
+@fail_cleanly
+def lists_delete(obj: Context, address: str, yes: bool) -> None:
+    """Delete a list and its members (its stored messages stay)."""
+    if not yes:
+        raise click.UsageError(f"this deletes {address} and all its members; add --yes to do it")
+    with obj.store() as store, store.write() as conn:
+        lists.delete(conn, lists.get(conn, address))
+    out.print(f"deleted {address}")
+
+
+# -- members ------------------------------------------------------------------------------
+
+MODES = click.Choice([m.value for m in Mode])
+
+
+@main.group()
+def members() -> None:
+    """Add, remove, list and import members."""
+
+
+@members.command("add")
+@click.argument("list_address", metavar="LIST")
+@click.argument("member_addresses", metavar="ADDRESS...", nargs=-1, required=True)
+@click.option("--name", "display_name", default="", help="Display name (one address only).")
+@click.option("--mode", type=MODES, default=Mode.REGULAR.value, show_default=True)
+@click.pass_obj
+@fail_cleanly
+def members_add(obj: Context, list_address: str, member_addresses: tuple[str, ...],
+                display_name: str, mode: str) -> None:
+    """Subscribe addresses to LIST (no confirmation: the operator vouches for them)."""
+    with obj.store() as store, store.write() as conn:
+        lst = lists.get(conn, list_address)
+        for address in member_addresses:
+            member = lists.add_member(conn, lst, address, now=now(), display_name=display_name,
+                                      mode=Mode(mode))
+            out.print(f"added {member.address} to {lst.address} ({member.mode.value})")
+
+
+@members.command("remove")
+@click.argument("list_address", metavar="LIST")
+@click.argument("member_addresses", metavar="ADDRESS...", nargs=-1, required=True)
+@click.pass_obj
+@fail_cleanly
+def members_remove(obj: Context, list_address: str, member_addresses: tuple[str, ...]) -> None:
+    """Unsubscribe addresses from LIST."""
+    with obj.store() as store, store.write() as conn:
+        lst = lists.get(conn, list_address)
+        for address in member_addresses:
+            lists.remove_member(conn, lst, address)
+            out.print(f"removed {addresses.normalise(address)} from {lst.address}")
+
+
+@members.command("ls")
+@click.argument("list_address", metavar="LIST")
+@click.option("--mode", type=MODES, help="Only members with this delivery mode.")
+@click.pass_obj
+@fail_cleanly
+def members_ls(obj: Context, list_address: str, mode: str | None) -> None:
+    """LIST's members, one per line: address, mode, name."""
+    with obj.store() as store, store.read() as conn:
+        lst = lists.get(conn, list_address)
+        for member in lists.iter_members(conn, lst, mode=Mode(mode) if mode else None):
+            state = "" if member.enabled else " (disabled)"
+            out.print(f"{member.address}\t{member.mode.value}{state}\t{member.display_name}")
+
+
+@members.command("import")
+@click.argument("list_address", metavar="LIST")
+@click.argument("csv_file", metavar="FILE.csv", type=click.Path(exists=True, dir_okay=False,
+                                                               path_type=Path))
+@click.option("--mode", type=MODES, default=Mode.REGULAR.value, show_default=True,
+              help="Mode for rows that do not name one.")
+@click.pass_obj
+@fail_cleanly
+def members_import(obj: Context, list_address: str, csv_file: Path, mode: str) -> None:
+    """Import members from a CSV file: address[,name[,mode]] per row, optional header row.
+
+    Addresses already subscribed are left as they are; bad rows are reported
+    with their line numbers and skipped. Nobody is sent a welcome message.
+    """
+    rows, bad = _read_member_csv(csv_file, Mode(mode))
+    for line, why in bad[:20]:
+        err.print(f"{csv_file}:{line}: skipped: {why}")
+    if len(bad) > 20:
+        err.print(f"... and {len(bad) - 20} more bad rows")
+    added = 0
+    existing: list[str] = []
+    with obj.store() as store:
+        with store.read() as conn:
+            lst = lists.get(conn, list_address)
+        columns = (TextColumn("importing"), BarColumn(), MofNCompleteColumn(),
+                   TimeRemainingColumn())
+        with Progress(*columns, console=err, transient=False) as progress:
+            task = progress.add_task("import", total=len(rows))
+            for i in range(0, len(rows), 1000):
+                with store.write() as conn:
+                    n, already = lists.add_members(conn, lst, rows[i:i + 1000], now=now())
+                added += n
+                existing += already
+                progress.advance(task, len(rows[i:i + 1000]))
+    out.print(f"imported {added} new members into {lst.address}; {len(existing)} were already "
+              f"members; {len(bad)} rows skipped")
+    if bad and not added:
+        sys.exit(1)
+
+
+def _read_member_csv(path: Path, default_mode: Mode) -> tuple[list[tuple[str, str, Mode]],
+                                                               list[tuple[int, str]]]:
+    rows: list[tuple[str, str, Mode]] = []
+    bad: list[tuple[int, str]] = []
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ListgateError(f"{path}: not UTF-8 text ({exc}); save the file as UTF-8 CSV") from None
+    for line, record in enumerate(csv.reader(text.splitlines()), 1):
+        if not record or not record[0].strip() or record[0].lstrip().startswith("#"):
+            continue
+        if line == 1 and record[0].strip().lower() in ("address", "email", "e-mail"):
+            continue
+        address = record[0].strip()
+        name = record[1].strip() if len(record) > 1 else ""
+        try:
+            row_mode = Mode(record[2].strip()) if len(record) > 2 and record[2].strip() \
+                else default_mode
+        except ValueError:
+            bad.append((line, f"unknown mode {record[2].strip()!r} "
+                              f"(one of {', '.join(m.value for m in Mode)})"))
+            continue
+        try:
+            addresses.normalise(address)
+        except AddressError as exc:
+            bad.append((line, str(exc)))
+            continue
+        rows.append((address, name, row_mode))
+    return rows, bad
+
+
+# -- roles ------------------------------------------------------------------------------
+
+ROLE_NAMES = click.Choice([r.value for r in RoleName])
+
+
+@main.group()
+def roles() -> None:
+    """Owners and moderators of a list."""
+
+
+@roles.command("add")
+@click.argument("list_address", metavar="LIST")
+@click.argument("address")
+@click.argument("role", type=ROLE_NAMES)
+@click.pass_obj
+@fail_cleanly
+def roles_add(obj: Context, list_address: str, address: str, role: str) -> None:
+    """Make ADDRESS an owner or moderator of LIST."""
+    with obj.store() as store, store.write() as conn:
+        lst = lists.get(conn, list_address)
+        lists.add_role(conn, lst, address, RoleName(role))
+    out.print(f"{addresses.normalise(address)} is now a {role} of {lst.address}")
+
+
+@roles.command("remove")
+@click.argument("list_address", metavar="LIST")
+@click.argument("address")
+@click.argument("role", type=ROLE_NAMES)
+@click.pass_obj
+@fail_cleanly
+def roles_remove(obj: Context, list_address: str, address: str, role: str) -> None:
+    """Take the owner or moderator role from ADDRESS."""
+    with obj.store() as store, store.write() as conn:
+        lst = lists.get(conn, list_address)
+        lists.remove_role(conn, lst, address, RoleName(role))
+    out.print(f"{addresses.normalise(address)} is no longer a {role} of {lst.address}")
+
+
+@roles.command("ls")
+@click.argument("list_address", metavar="LIST")
+@click.pass_obj
+@fail_cleanly
+def roles_ls(obj: Context, list_address: str) -> None:
+    """LIST's owners and moderators."""
+    with obj.store() as store, store.read() as conn:
+        lst = lists.get(conn, list_address)
+        for role in RoleName:
+            for address in lists.role_holders(conn, lst.id, role):
+                out.print(f"{address}\t{role.value}")
+
+
+# -- routes ------------------------------------------------------------------------------
+
+@main.command()
+@click.option("--test", "address", metavar="ADDRESS",
+              help="Show which route ADDRESS takes, and why.")
+@click.pass_obj
+@fail_cleanly
+def routes(obj: Context, address: str | None) -> None:
+    """The route table; with --test, where one address goes."""
+    if address is None:
+        table = Table("role", "pattern (local part)", "stage", "for")
+        for route in routing.ROUTES:
+            table.add_row(route.role.value, route.pattern, route.stage.value, route.purpose)
+        out.print(table)
+        return
+    with obj.store() as store:
+        directory = lists.Directory(store)
+        directory.refresh()
+    found = directory.router().resolve(address)
+    if isinstance(found, routing.Hit):
+        out.print(f"{address}: {found.route.role.value} -> stage {found.route.stage.value}")
+        out.print(f"  because: {found.reason}")
+        if found.detail:
+            out.print(f"  detail: {found.detail}")
+        out.print("  intake answers RCPT with 250 2.1.5")
+    else:
+        out.print(f"{address}: no route -- intake answers RCPT with 550 5.1.1")
+        out.print(f"  because: {found.reason}")
+        sys.exit(1)
+
+
+# -- the queue ------------------------------------------------------------------------------
+
+@main.group("queue")
+def queue_group() -> None:
+    """What is in flight, waiting, or parked."""
+
+
+def _queue_ref(ref: str) -> tuple[sa.Table, int]:
+    stage, sep, number = ref.partition("/")
+    if not sep or not number.isdigit():
+        raise click.BadParameter(f"{ref!r}: queue ids look like moderation/12 or delivery/345 "
+                                 "(as `listgate queue ls` prints them)")
+    if stage == "delivery":
+        return outbound, int(number)
+    if stage in {s.value for s in routing.Stage}:
+        return work, int(number)
+    raise click.BadParameter(f"{ref!r}: unknown stage {stage!r}")
+
+
+def _queue_rows(conn: sa.Connection, state: str | None, stage: str | None) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = []
+    if stage in (None, "delivery"):
+        q = sa.select(outbound)
+        if state:
+            q = q.where(outbound.c.state == state)
+        for r in conn.execute(q.order_by(outbound.c.id)).mappings():
+            found.append(dict(r, ref=f"delivery/{r['id']}", stage="delivery",
+                              what=f"{r['kind']} to {r['rcpt_count']} rcpt(s)"))
+    if stage != "delivery":
+        q = sa.select(work)
+        if state:
+            q = q.where(work.c.state == state)
+        if stage:
+            q = q.where(work.c.stage == stage)
+        for r in conn.execute(q.order_by(work.c.id)).mappings():
+            found.append(dict(r, ref=f"{r['stage']}/{r['id']}",
+                              what=f"{r['role']} to {r['address']}"))
+    return found
+
+
+@queue_group.command("ls")
+@click.option("--state", type=click.Choice([s.value for s in State]))
+@click.option("--stage", type=click.Choice([s.value for s in routing.Stage]))
+@click.pass_obj
+@fail_cleanly
+def queue_ls(obj: Context, state: str | None, stage: str | None) -> None:
+    """Queue rows: ready, claimed (in flight) and parked."""
+    with obj.store() as store, store.read() as conn:
+        rows = _queue_rows(conn, state, stage)
+    table = Table("id", "state", "what", "queue id", "attempts", "due", "last error")
+    for r in rows:
+        table.add_row(r["ref"], r["state"], r["what"], str(r["message_id"] or "-"),
+                      str(r["attempts"]), when(r["due_at"]), (r["last_error"] or "")[:60])
+    out.print(table)
+    counts: dict[str, int] = {}
+    for r in rows:
+        counts[r["state"]] = counts.get(r["state"], 0) + 1
+    out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "the queue is empty")
+
+
+@queue_group.command("show")
+@click.argument("ref", metavar="STAGE/ID")
+@click.pass_obj
+@fail_cleanly
+def queue_show(obj: Context, ref: str) -> None:
+    """One queue row, the message it is about, and that message's journal."""
+    table_, row_id = _queue_ref(ref)
+    with obj.store() as store, store.read() as conn:
+        row = conn.execute(sa.select(table_).where(table_.c.id == row_id)).mappings().first()
+        if row is None:
+            raise NotFound(f"no queue row {ref} (it may have finished); "
+                           "`listgate queue ls` shows what is queued")
+        msg = None
+        events: list[Any] = []
+        if row["message_id"] is not None:
+            msg = conn.execute(sa.select(messages.c.id, messages.c.received_at,
+                                         messages.c.mail_from, messages.c.rcpt_tos,
+                                         messages.c.size, messages.c.message_id, messages.c.peer)
+                               .where(messages.c.id == row["message_id"])).mappings().first()
+            events = list(conn.execute(sa.select(journal).where(
+                journal.c.message_id == row["message_id"]).order_by(journal.c.id)).mappings())
+    t = Table(show_header=False)
+    for key, value in row.items():
+        if key in ("due_at", "lease_until", "created_at", "updated_at", "first_try_at"):
+            value = when(value)
+        t.add_row(key, str(value))
+    out.print(t)
+    if msg is not None:
+        out.print(f"message {msg['id']}: from <{msg['mail_from']}> to {msg['rcpt_tos']}, "
+                  f"{msg['size']} bytes, Message-ID {msg['message_id'] or '-'}, "
+                  f"received {when(msg['received_at'])} from {msg['peer']}")
+    for e in events:
+        out.print(f"  {when(e['at'])} {e['stage']}: {e['event']} -- {e['detail']}")
+
+
+@queue_group.command("retry")
+@click.argument("refs", metavar="STAGE/ID...", nargs=-1)
+@click.option("--all-parked", is_flag=True, help="Retry every parked row.")
+@click.pass_obj
+@fail_cleanly
+def queue_retry(obj: Context, refs: tuple[str, ...], all_parked: bool) -> None:
+    """Make parked or waiting rows due now, with a fresh attempt count."""
+    if not refs and not all_parked:
+        raise click.UsageError("name rows (e.g. delivery/12) or use --all-parked")
+    with obj.store() as store, store.write() as conn:
+        targets = [_queue_ref(r) for r in refs]
+        if all_parked:
+            for _name, table_ in QUEUE_TABLES.items():
+                ids = conn.execute(sa.select(table_.c.id).where(
+                    table_.c.state == State.PARKED.value)).scalars().all()
+                targets += [(table_, i) for i in ids]
+        done = 0
+        for table_, row_id in targets:
+            if queue.retry(conn, table_, row_id, now=now()):
+                done += 1
+            else:
+                err.print(f"{table_.name} row {row_id}: not found, or in flight right now")
+    out.print(f"{done} row(s) will be retried now")
+    if done < len(targets):
+        sys.exit(1)
+
+
+@queue_group.command("park")
+@click.argument("refs", metavar="STAGE/ID...", nargs=-1, required=True)
+@click.option("--why", default="parked by the operator", help="Why, for the record.")
+@click.pass_obj
+@fail_cleanly
+def queue_park(obj: Context, refs: tuple[str, ...], why: str) -> None:
+    """Set rows aside: parked rows are kept, and are not worked on until retried."""
+    with obj.store() as store, store.write() as conn:
+        missing = 0
+        for ref in refs:
+            table_, row_id = _queue_ref(ref)
+            if not queue.park(conn, table_, row_id, now=now(), why=why):
+                err.print(f"{ref}: no such queue row")
+                missing += 1
+    out.print(f"{len(refs) - missing} row(s) parked")
+    if missing:
+        sys.exit(1)
+
+
+# -- policy ------------------------------------------------------------------------------
+
+@main.group()
+def policy() -> None:
+    """Moderation policy files."""
+
+
+@policy.command("check")
+@click.pass_obj
+@fail_cleanly
+def policy_check(obj: Context) -> None:
+    """Validate the policy files; name unknown rules and bad parameters."""
+    config = obj.config()
+    policies = Policies(config.paths.policies)
+    for source in policies.files:
+        out.print(f"ok: {source}")

@@ -1,0 +1,307 @@
+"""The delivery stage: outbound rows go to the smarthost, several connections at once.
+
+A feeder claims rows (leased), senders hand them to the transport, and a
+recorder writes the outcomes back in batches (one transaction for many rows):
+
+- accepted                  -> row deleted
+- some recipients 4xx       -> row kept for just those, retried with exponential backoff
+- some recipients 5xx       -> recorded in delivery_failures for bounce handling
+- whole transaction 4xx or
+  smarthost unreachable     -> retried with backoff until [delivery] lifetime, then failed
+- whole transaction 5xx     -> every recipient recorded as failed
+- an unexpected error       -> counted; parked after [queue] max_attempts
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gateway import outgoing, queue
+from gateway.clock import Clock
+from gateway.config import DeliveryConfig
+from gateway.errors import PermanentDeliveryError, TransientDeliveryError
+from gateway.queue import Claimer
+from gateway.routing import Stage
+from gateway.schema import contents, delivery_failures, outbound
+from gateway.smtpclient import Outcome, Reply
+from gateway.store import Store
+from gateway.transport import Transport
+from gateway.worker import Wakeups
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    id: int
+    content_id: int
+    kind: str
+    list_id: int | None
+    message_id: int | None
+    envelope_from: str
+    recipients: tuple[str, ...]
+    tries: int
+    first_try_at: float | None
+
+
+@dataclass(frozen=True)
+class Result:
+    job: Job
+    started_at: float
+    outcome: Outcome | None = None
+    error: TransientDeliveryError | PermanentDeliveryError | None = None
+    crash: str | None = None
+
+
+class ContentCache:
+    """Recently sent contents, so a post fanned out in many batches is read once."""
+
+    def __init__(self, limit_bytes: int = 64 * 1024 * 1024) -> None:
+        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._size = 0
+        self._limit = limit_bytes
+
+    def get(self, content_id: int) -> bytes | None:
+        data = self._items.get(content_id)
+        if data is not None:
+            self._items.move_to_end(content_id)
+        return data
+
+    def put(self, content_id: int, data: bytes) -> None:
+        if content_id in self._items:
+            return
+        self._items[content_id] = data
+        self._size += len(data)
+        while self._size > self._limit and len(self._items) > 1:
+            _id, old = self._items.popitem(last=False)
+            self._size -= len(old)
+
+
+class Delivery:
+    stage = Stage.DELIVERY
+
+    def __init__(self, store: Store, transport: Transport, *, clock: Clock, claimer: Claimer,
+                 config: DeliveryConfig, retry_delay: float) -> None:
+        self.store = store
+        self.transport = transport
+        self.clock = clock
+        self.claimer = claimer
+        self.config = config
+        self.retry_delay = retry_delay
+        self.cache = ContentCache()
+        self._held: dict[int, Job] = {}
+
+    async def run(self, wakeups: Wakeups, *, poll_interval: float, stopping: asyncio.Event,
+                  grace: float = 30.0) -> None:
+        jobs: asyncio.Queue[Job | None] = asyncio.Queue()
+        results: asyncio.Queue[Result] = asyncio.Queue()
+        senders = [asyncio.create_task(self._sender(jobs, results))
+                   for _ in range(self.config.connections)]
+        recorder = asyncio.create_task(self._recorder(results))
+        renewer = asyncio.create_task(self._renewer())
+        try:
+            await self._feeder(jobs, wakeups, poll_interval=poll_interval, stopping=stopping)
+        finally:
+            # Let transactions in flight finish (cutting one off mid-DATA risks a
+            # duplicate), record their outcomes, and hand back what never started.
+            while not jobs.empty():
+                jobs.get_nowait()
+            for _ in senders:
+                jobs.put_nowait(None)
+            _done, slow = await asyncio.wait(senders, timeout=grace)
+            for task in slow:
+                task.cancel()
+            await asyncio.gather(*senders, return_exceptions=True)
+            await results.join()
+            recorder.cancel()
+            renewer.cancel()
+            await asyncio.gather(recorder, renewer, return_exceptions=True)
+            if self._held:
+                await asyncio.to_thread(self._release, list(self._held.values()))
+            await self.transport.close()
+
+    # -- feeding -------------------------------------------------------------------
+
+    async def _feeder(self, jobs: asyncio.Queue[Job | None], wakeups: Wakeups, *,
+                      poll_interval: float, stopping: asyncio.Event) -> None:
+        capacity = self.config.connections * 4
+        while not stopping.is_set():
+            room = min(self.config.batch, capacity - len(self._held))
+            claimed: list[Job] = []
+            if room > 0:
+                try:
+                    claimed = await asyncio.to_thread(self._claim, room)
+                except Exception:  # the stage loop is a process boundary
+                    log.exception("delivery: claiming outbound rows failed; retrying")
+            for job in claimed:
+                self._held[job.id] = job
+                jobs.put_nowait(job)
+            if claimed and len(self._held) < capacity:
+                continue
+            waiter = asyncio.ensure_future(wakeups.wait(self.stage, poll_interval))
+            stopper = asyncio.ensure_future(stopping.wait())
+            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            waiter.cancel()
+            stopper.cancel()
+
+    def _claim(self, limit: int) -> list[Job]:
+        with self.store.write() as conn:
+            rows = queue.claim(conn, outbound, self.claimer, now=self.clock.now(), limit=limit)
+        if not rows:
+            return []
+        missing = sorted({r.content_id for r in rows if self.cache.get(r.content_id) is None})
+        if missing:
+            with self.store.read() as conn:
+                for cid, data in conn.execute(sa.select(contents.c.id, contents.c.data)
+                                              .where(contents.c.id.in_(missing))):
+                    self.cache.put(cid, data)
+        return [Job(r.id, r.content_id, r.kind, r.list_id, r.message_id, r.envelope_from,
+                    tuple(r.recipients.split("\n")), r.tries, r.first_try_at) for r in rows]
+
+    # -- sending ----------------------------------------------------------------------
+
+    async def _sender(self, jobs: asyncio.Queue[Job | None],
+                      results: asyncio.Queue[Result]) -> None:
+        while True:
+            job = await jobs.get()
+            if job is None:
+                return
+            started = self.clock.now()
+            data = self.cache.get(job.content_id)
+            try:
+                if data is None:
+                    data = await asyncio.to_thread(self._load_content, job.content_id)
+                outcome = await self.transport.send(job.envelope_from, job.recipients, data)
+                result = Result(job, started, outcome=outcome)
+            except (TransientDeliveryError, PermanentDeliveryError) as exc:
+                result = Result(job, started, error=exc)
+            except Exception as exc:  # recorded on the row; parked if it keeps happening
+                log.exception("delivery of outbound row %s failed unexpectedly", job.id)
+                result = Result(job, started, crash=f"{type(exc).__name__}: {exc}")
+            results.put_nowait(result)
+
+    def _load_content(self, content_id: int) -> bytes:
+        with self.store.read() as conn:
+            data: bytes = conn.execute(sa.select(contents.c.data)
+                                       .where(contents.c.id == content_id)).scalar_one()
+        self.cache.put(content_id, data)
+        return data
+
+    # -- recording ---------------------------------------------------------------------
+
+    async def _recorder(self, results: asyncio.Queue[Result]) -> None:
+        while True:
+            batch = [await results.get()]
+            while not results.empty() and len(batch) < 256:
+                batch.append(results.get_nowait())
+            try:
+                await asyncio.to_thread(self._record, batch)
+            except Exception:  # the rows' leases expire and they are sent again
+                log.exception("delivery: recording %d outcomes failed", len(batch))
+            finally:
+                for r in batch:
+                    self._held.pop(r.job.id, None)
+                    results.task_done()
+
+    def _record(self, batch: Iterable[Result]) -> None:
+        with self.store.write() as conn:
+            for result in batch:
+                self._record_one(conn, result)
+
+    def _record_one(self, conn: Connection, r: Result) -> None:
+        job, now = r.job, self.clock.now()
+        where = f"outbound={job.id} kind={job.kind} list_id={job.list_id} queue_id={job.message_id}"
+        first_try = job.first_try_at or r.started_at
+        if r.crash is not None:
+            queue.fail(conn, outbound, job.id, self.claimer, now=now, error=r.crash,
+                       retry_delay=self.retry_delay)
+            return
+        if isinstance(r.error, PermanentDeliveryError):
+            reply = Reply(r.error.code, r.error.text)
+            self._failures(conn, job, {rcpt: reply for rcpt in job.recipients}, now)
+            log.warning("failed %s rcpts=%d: %s", where, len(job.recipients), r.error)
+            self._finish(conn, job)
+            return
+        if r.error is not None:
+            if now - first_try >= self.config.lifetime:
+                reply = Reply(r.error.code, f"gave up after {self.config.lifetime:.0f}s: "
+                                            f"{r.error.text}")
+                self._failures(conn, job, {rcpt: reply for rcpt in job.recipients}, now)
+                log.warning("expired %s rcpts=%d: %s", where, len(job.recipients), r.error)
+                self._finish(conn, job)
+                return
+            due = now + self._backoff(job.tries)
+            queue.release(conn, outbound, job.id, self.claimer, now=now, due_at=due,
+                          note=str(r.error), tries=job.tries + 1, first_try_at=first_try)
+            log.info("deferred %s rcpts=%d until +%.0fs: %s", where, len(job.recipients),
+                     due - now, r.error)
+            return
+        assert r.outcome is not None
+        permanent = {a: rep for a, rep in r.outcome.refused.items() if rep.code >= 500}
+        later = [a for a, rep in r.outcome.refused.items() if rep.code < 500]
+        if permanent:
+            self._failures(conn, job, permanent, now)
+        delivered = len(job.recipients) - len(r.outcome.refused)
+        if later and now - first_try < self.config.lifetime:
+            due = now + self._backoff(job.tries)
+            queue.release(conn, outbound, job.id, self.claimer, now=now, due_at=due,
+                          note=f"{len(later)} recipients deferred: "
+                               f"{r.outcome.refused[later[0]].code} "
+                               f"{r.outcome.refused[later[0]].text}",
+                          recipients="\n".join(later), rcpt_count=len(later),
+                          tries=job.tries + 1, first_try_at=first_try)
+            log.info("delivered %s rcpts=%d, deferred %d, failed %d", where, delivered,
+                     len(later), len(permanent))
+            return
+        if later:
+            self._failures(conn, job, {a: r.outcome.refused[a] for a in later}, now)
+        first_line = r.outcome.reply.splitlines()[0] if r.outcome.reply else ""
+        log.info("delivered %s rcpts=%d failed=%d: %s", where, delivered,
+                 len(permanent) + len(later), first_line)
+        self._finish(conn, job)
+
+    def _finish(self, conn: Connection, job: Job) -> None:
+        if not queue.complete(conn, outbound, job.id, self.claimer):
+            log.warning("outbound row %s: lease lost before its outcome was recorded; "
+                        "another worker may send it again", job.id)
+            return
+        outgoing.drop_unused_content(conn, job.content_id)
+
+    def _failures(self, conn: Connection, job: Job, refused: dict[str, Reply], now: float) -> None:
+        conn.execute(delivery_failures.insert(), [
+            {"at": now, "list_id": job.list_id, "address": address, "code": reply.code,
+             "text": reply.text[:2000], "permanent": reply.code >= 500, "kind": job.kind}
+            for address, reply in refused.items()
+        ])
+
+    def _backoff(self, tries: int) -> float:
+        return float(min(self.config.retry_max, self.config.retry_initial * 2 ** tries))
+
+    def _release(self, jobs: list[Job]) -> None:
+        now = self.clock.now()
+        with self.store.write() as conn:
+            for job in jobs:
+                queue.release(conn, outbound, job.id, self.claimer, now=now, due_at=now)
+                self._held.pop(job.id, None)
+
+    async def _renewer(self) -> None:
+        interval = max(1.0, self.claimer.lease / 3)
+        while True:
+            await asyncio.sleep(interval)
+            ids = list(self._held)
+            if ids:
+                try:
+                    await asyncio.to_thread(self._renew, ids)
+                except Exception:  # leases then expire and rows are retried: logged, not fatal
+                    log.exception("delivery: renewing %d leases failed", len(ids))
+
+    def _renew(self, ids: list[int]) -> None:
+        with self.store.write() as conn:
+            queue.renew(conn, outbound, ids, self.claimer, now=self.clock.now())

@@ -1,0 +1,132 @@
+"""The fanout stage: an accepted post becomes outbound rows for the list's members.
+
+The decorated copy is built once and stored as content; members are read in
+chunks by id, and each chunk's outbound rows are written in the same
+transaction that moves the work row's cursor past them. A crash resumes at
+the cursor: no member is queued twice, none is skipped, and memory stays flat
+however large the list.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Row
+
+from gateway import journal, lists, outgoing, queue
+from gateway.clock import Clock
+from gateway.decorate import Trace, decorate_post
+from gateway.errors import LeaseLost
+from gateway.lists import MailingList
+from gateway.queue import Claimer
+from gateway.routing import Stage
+from gateway.schema import Mode, members, messages, work
+from gateway.store import Store
+from gateway.templates import Templates
+from gateway.worker import Progress
+
+log = logging.getLogger(__name__)
+
+
+class Fanout:
+    stage = Stage.FANOUT
+
+    def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, templates: Templates,
+                 hostname: str, chunk: int, max_recipients: int, retry_delay: float,
+                 batch: int = 8) -> None:
+        self.store = store
+        self.clock = clock
+        self.claimer = claimer
+        self.templates = templates
+        self.hostname = hostname
+        self.chunk = chunk
+        self.max_recipients = max_recipients
+        self.retry_delay = retry_delay
+        self.batch = batch
+
+    def run_once(self) -> Progress:
+        with self.store.write() as conn:
+            rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
+                               where=[work.c.stage == self.stage.value])
+        progress = Progress(worked=len(rows))
+        for row in rows:
+            try:
+                self._fan_out(row, progress)
+            except LeaseLost:
+                log.warning("lease lost on fanout work row %s; another worker has it", row.id)
+            except Exception as exc:  # one bad row must not stop the others
+                log.exception("fanout of work row %s failed", row.id)
+                with self.store.write() as conn:
+                    queue.fail(conn, work, row.id, self.claimer, now=self.clock.now(),
+                               error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
+        return progress
+
+    def _fan_out(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
+        with self.store.read() as conn:
+            lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
+        if lst is None:
+            with self.store.write() as conn:
+                if not queue.complete(conn, work, row.id, self.claimer):
+                    raise LeaseLost(f"work row {row.id}")
+                journal.record(conn, now=self.clock.now(), stage=self.stage, event="dropped",
+                               message_id=row.message_id, list_id=None,
+                               detail="the list was deleted before the post went out")
+            return
+        content_id = row.content_id or self._store_content(row, lst)
+        cursor = row.cursor or 0
+        queued = 0
+        while True:
+            now = self.clock.now()
+            with self.store.write() as conn:
+                chunk = conn.execute(
+                    sa.select(members.c.id, members.c.address)
+                    .where(members.c.list_id == lst.id, members.c.mode == Mode.REGULAR.value,
+                           members.c.enabled.is_(True), members.c.id > cursor)
+                    .order_by(members.c.id).limit(self.chunk)
+                ).all()
+                recipients = [r.address for r in chunk]
+                outgoing.enqueue(conn, content_id=content_id,
+                                 envelope_from=lst.identity.address("bounces"),
+                                 recipients=recipients, kind=outgoing.Kind.POST,
+                                 list_id=lst.id, message_id=row.message_id, now=now,
+                                 batch=self.max_recipients)
+                queued += len(recipients)
+                if len(chunk) < self.chunk:
+                    if not queue.complete(conn, work, row.id, self.claimer):
+                        raise LeaseLost(f"work row {row.id}")
+                    outgoing.drop_unused_content(conn, content_id)
+                    journal.record(conn, now=now, stage=self.stage, event="fanned-out",
+                                   message_id=row.message_id, list_id=lst.id,
+                                   detail=f"to {lst.address}: queued for {queued} "
+                                          "regular members" + (" (resumed)" if row.cursor else ""))
+                    progress.wake.add(Stage.DELIVERY)
+                    return
+                cursor = chunk[-1].id
+                moved = conn.execute(
+                    sa.update(work).where(queue.owned(work, row.id, self.claimer))
+                    .values(cursor=cursor, lease_until=now + self.claimer.lease, updated_at=now)
+                ).rowcount
+                if moved != 1:
+                    raise LeaseLost(f"work row {row.id}")
+            progress.wake.add(Stage.DELIVERY)
+
+    def _store_content(self, row: Row[tuple[object, ...]], lst: MailingList) -> int:
+        with self.store.read() as conn:
+            msg = conn.execute(sa.select(messages).where(messages.c.id == row.message_id)).one()
+        footer = self.templates.render("footer.txt.j2", list_address=lst.address,
+                                       mailing_list=lst.identity)
+        trace = Trace(helo=msg.helo, peer=msg.peer, hostname=self.hostname,
+                      protocol=msg.protocol, queue_id=msg.id, recipient=lst.address,
+                      received_at=msg.received_at)
+        data = decorate_post(msg.raw, lst.identity, footer=footer, trace=trace)
+        now = self.clock.now()
+        with self.store.write() as conn:
+            content_id = outgoing.add_content(conn, data, now=now)
+            moved = conn.execute(
+                sa.update(work).where(queue.owned(work, row.id, self.claimer))
+                .values(content_id=content_id, updated_at=now)
+            ).rowcount
+            if moved != 1:
+                raise LeaseLost(f"work row {row.id}")
+        return content_id

@@ -1,0 +1,172 @@
+"""Reading messages as they really arrive: tolerant header access over raw bytes.
+
+Nothing here raises on malformed input. Header fields are kept as raw byte
+lines so that what we do not touch goes out exactly as it came in.
+"""
+
+from __future__ import annotations
+
+import email
+import email.errors
+import email.header
+import email.message
+import email.policy
+import re
+from dataclasses import dataclass, field
+
+_FIELD_NAME = re.compile(rb"^([\x21-\x39\x3b-\x7e]+)[ \t]*:")
+CRLF = b"\r\n"
+
+
+@dataclass
+class Field:
+    """One header field: its name and its raw bytes, continuation lines included."""
+
+    name: str
+    raw: bytes  # "Name: value" with folding, without the final line ending
+
+    @property
+    def value(self) -> str:
+        """The unfolded value as text (undecoded; undecodable bytes kept as escapes)."""
+        _name, _colon, value = self.raw.partition(b":")
+        text = value.decode("utf-8", "surrogateescape")
+        return re.sub(r"\r?\n[ \t]", " ", text).strip()
+
+
+@dataclass
+class Parts:
+    """A message split into header fields and body bytes."""
+
+    fields: list[Field] = field(default_factory=list)
+    body: bytes = b""
+
+    def get_all(self, name: str) -> list[str]:
+        lname = name.lower()
+        return [f.value for f in self.fields if f.name.lower() == lname]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+    def remove(self, *names: str) -> list[Field]:
+        lnames = {n.lower() for n in names}
+        removed = [f for f in self.fields if f.name.lower() in lnames]
+        self.fields = [f for f in self.fields if f.name.lower() not in lnames]
+        return removed
+
+    def replace(self, name: str, value: str) -> None:
+        """Set a field in the place of its first occurrence (or at the end)."""
+        new = make_field(name, value)
+        lname = name.lower()
+        for i, f in enumerate(self.fields):
+            if f.name.lower() == lname:
+                self.fields[i] = new
+                self.fields = [g for j, g in enumerate(self.fields)
+                               if j == i or g.name.lower() != lname]
+                return
+        self.fields.append(new)
+
+    def add(self, name: str, value: str) -> None:
+        self.fields.append(make_field(name, value))
+
+    def prepend(self, name: str, value: str) -> None:
+        self.fields.insert(0, make_field(name, value))
+
+    def to_bytes(self) -> bytes:
+        head = CRLF.join(f.raw for f in self.fields)
+        return normalise_eol(head + CRLF + CRLF + self.body)
+
+
+def normalise_eol(data: bytes) -> bytes:
+    """Every line ending as CRLF, as SMTP requires."""
+    return re.sub(rb"\r?\n", CRLF, data)
+
+
+def make_field(name: str, value: str) -> Field:
+    """A header field from text, RFC 2047-encoding it if it is not ASCII.
+
+    Line breaks in the value are flattened: no value can add a field or end the header.
+    """
+    value = re.sub(r"[\r\n]+", " ", value)
+    try:
+        value.encode("ascii")
+        charset = "us-ascii"
+    except UnicodeEncodeError:
+        charset = "utf-8"
+    if charset == "us-ascii" and len(name) + len(value) < 76:
+        raw = f"{name}: {value}".encode("ascii")
+    else:
+        encoded = email.header.Header(value, charset, header_name=name).encode(linesep="\r\n")
+        raw = f"{name}: {encoded}".encode("ascii")
+    return Field(name, raw)
+
+
+def split(raw: bytes) -> Parts:
+    """Split raw bytes into header fields and body, as forgivingly as Python's parser.
+
+    The header block ends at the first empty line, or at the first line that is
+    neither a field nor a continuation (that line then starts the body).
+    """
+    parts = Parts()
+    pos = 0
+    n = len(raw)
+    while pos < n:
+        end = raw.find(b"\n", pos)
+        line_end = n if end == -1 else end + 1
+        line = raw[pos:line_end].rstrip(b"\r\n")
+        if not line:
+            pos = line_end
+            break
+        if line[:1] in (b" ", b"\t"):
+            if parts.fields:
+                last = parts.fields[-1]
+                parts.fields[-1] = Field(last.name, last.raw + CRLF + line)
+            else:
+                # A continuation with nothing to continue: keep it as an unnamed field.
+                parts.fields.append(Field("", line))
+        else:
+            m = _FIELD_NAME.match(line)
+            if m is None:
+                break
+            parts.fields.append(Field(m.group(1).decode("ascii"), line))
+        pos = line_end
+    parts.body = raw[pos:]
+    return parts
+
+
+def decode_header(value: str | None) -> str:
+    """An RFC 2047-decoded header value; undecodable pieces are kept as they are."""
+    if not value:
+        return ""
+    try:
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (UnicodeError, LookupError, email.errors.HeaderParseError, ValueError):
+        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def parse(raw: bytes) -> email.message.Message:
+    """The stdlib's most forgiving parse (compat32); for MIME walking, never for headers
+    that are then trusted blindly."""
+    return email.message_from_bytes(raw, policy=email.policy.compat32)
+
+
+@dataclass(frozen=True)
+class ContentType:
+    maintype: str
+    subtype: str
+    params: dict[str, str]
+
+    @property
+    def type(self) -> str:
+        return f"{self.maintype}/{self.subtype}"
+
+
+def content_type(value: str | None) -> ContentType:
+    """A Content-Type value, defaulting like RFC 2045 to text/plain."""
+    m = email.message.Message()
+    if value:
+        m["Content-Type"] = value
+    ctype = m.get_content_type()
+    params = {k.lower(): v for k, v in (m.get_params() or [])[1:] if isinstance(v, str)}
+    maintype, _, subtype = ctype.partition("/")
+    return ContentType(maintype, subtype, params)

@@ -1,0 +1,67 @@
+"""Notices the gateway writes itself: rejections, confirmations, moderator requests.
+
+Notices come from the list's -owner address with a null-safe envelope sender
+(the list's -bounces address), carry ``Auto-Submitted: auto-replied`` (RFC 3834)
+and thread under the message they answer.
+"""
+
+from __future__ import annotations
+
+import email.policy
+import email.utils
+import hashlib
+from dataclasses import dataclass, field
+from email.message import EmailMessage
+
+from gateway import headers as h
+from gateway.decorate import ListIdentity
+
+
+@dataclass(frozen=True)
+class Notice:
+    to: str
+    subject: str
+    text: str
+    in_reply_to: str | None = None
+    reply_to: str | None = None
+    attachments: tuple[bytes, ...] = field(default=())
+    html: str | None = None
+
+
+def compose(notice: Notice, lst: ListIdentity, *, now: float,
+            auto_submitted: str = "auto-replied") -> bytes:
+    msg = EmailMessage(policy=email.policy.SMTP)
+    msg[h.FROM] = email.utils.formataddr((f"{lst.display_name} list", lst.address("owner")))
+    msg[h.TO] = notice.to
+    msg[h.SUBJECT] = notice.subject
+    msg[h.DATE] = email.utils.formatdate(now)
+    seed = f"{notice.to}\0{notice.subject}\0{notice.text}\0{now}".encode("utf-8", "replace")
+    msg[h.MESSAGE_ID] = f"<listgate.notice.{hashlib.sha256(seed).hexdigest()[:24]}@{lst.domain}>"
+    if notice.in_reply_to and "\n" not in notice.in_reply_to and "\r" not in notice.in_reply_to:
+        msg[h.IN_REPLY_TO] = notice.in_reply_to
+        msg[h.REFERENCES] = notice.in_reply_to
+    if notice.reply_to:
+        msg[h.REPLY_TO] = notice.reply_to
+    msg[h.AUTO_SUBMITTED] = auto_submitted
+    msg[h.LIST_ID] = f'"{lst.display_name}" <{lst.list_id}>'
+    msg[h.X_LOOP] = lst.post_address
+    msg.set_content(notice.text, charset="utf-8")
+    if notice.html is not None:
+        msg.add_alternative(notice.html, subtype="html", charset="utf-8")
+    for original in notice.attachments:
+        _attach_original(msg, original)
+    return msg.as_bytes()
+
+
+def _attach_original(msg: EmailMessage, original: bytes) -> None:
+    """Attach a message exactly as received. Bytes are kept as they are: the
+    stdlib would re-serialise (and may choke on) a malformed original."""
+    if msg.get_content_maintype() != "multipart":
+        msg.make_mixed()
+    part = EmailMessage(policy=email.policy.SMTP)
+    part["Content-Type"] = "message/rfc822"
+    part["Content-Disposition"] = "inline"
+    eight_bit = not original.isascii()
+    part["Content-Transfer-Encoding"] = "8bit" if eight_bit else "7bit"
+    part.set_payload(original.decode("ascii", "surrogateescape"))
+    msg.attach(part)

@@ -1,0 +1,65 @@
+"""Putting mail on the outbound queue: content once, then one row per recipient batch."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Sequence
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gateway.schema import State, contents, outbound, work
+
+
+class Kind(enum.Enum):
+    """What an outbound message is; the delivery log and bounce handling tell them apart."""
+
+    POST = "post"
+    NOTICE = "notice"
+    DIGEST = "digest"
+    FORWARD = "forward"
+
+
+def add_content(conn: Connection, data: bytes, *, now: float) -> int:
+    return int(conn.execute(
+        contents.insert().values(created_at=now, data=data).returning(contents.c.id)
+    ).scalar_one())
+
+
+def enqueue(conn: Connection, *, content_id: int, envelope_from: str, recipients: Sequence[str],
+            kind: Kind, list_id: int | None, message_id: int | None, now: float,
+            batch: int) -> int:
+    """One outbound row per ``batch`` recipients; returns the number of rows."""
+    rows = [
+        {
+            "content_id": content_id, "list_id": list_id, "message_id": message_id,
+            "kind": kind.value, "envelope_from": envelope_from,
+            "recipients": "\n".join(recipients[i:i + batch]),
+            "rcpt_count": len(recipients[i:i + batch]), "tries": 0, "first_try_at": None,
+            "state": State.READY.value, "attempts": 0, "due_at": now, "lease_owner": None,
+            "lease_until": None, "last_error": None, "created_at": now, "updated_at": now,
+        }
+        for i in range(0, len(recipients), batch)
+    ]
+    if rows:
+        conn.execute(outbound.insert(), rows)
+    return len(rows)
+
+
+def send(conn: Connection, data: bytes, *, envelope_from: str, recipients: Sequence[str],
+         kind: Kind, list_id: int | None, message_id: int | None, now: float,
+         batch: int = 100) -> int:
+    """Queue one message for some recipients: the usual way to send a notice."""
+    content_id = add_content(conn, data, now=now)
+    return enqueue(conn, content_id=content_id, envelope_from=envelope_from,
+                   recipients=recipients, kind=kind, list_id=list_id, message_id=message_id,
+                   now=now, batch=batch)
+
+
+def drop_unused_content(conn: Connection, content_id: int) -> None:
+    """Delete content that no outbound row, and no unfinished work, still needs."""
+    conn.execute(sa.delete(contents).where(
+        contents.c.id == content_id,
+        ~sa.exists().where(outbound.c.content_id == content_id),
+        ~sa.exists().where(work.c.content_id == content_id),
+    ))

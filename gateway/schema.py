@@ -1,0 +1,193 @@
+"""The store's tables. Alembic migrations under ``gateway/migrations`` build the same."""
+
+from __future__ import annotations
+
+import enum
+
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Column,
+    Double,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+# SQLite only auto-numbers an INTEGER PRIMARY KEY; PostgreSQL gets 64 bits.
+Id = BigInteger().with_variant(Integer(), "sqlite")
+
+metadata = MetaData(naming_convention={
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+})
+
+
+class State(enum.Enum):
+    """Where a queue row is: waiting, being worked on under a lease, or parked."""
+
+    READY = "ready"
+    CLAIMED = "claimed"
+    PARKED = "parked"
+
+
+class Mode(enum.Enum):
+    """How a member receives the list's mail."""
+
+    REGULAR = "regular"
+    DIGEST_MIME = "digest-mime"
+    DIGEST_PLAIN = "digest-plain"
+    DIGEST_HTML = "digest-html"
+    NOMAIL = "nomail"
+
+
+class RoleName(enum.Enum):
+    """Who runs a list, besides its members."""
+
+    OWNER = "owner"
+    MODERATOR = "moderator"
+
+
+lists = Table(
+    "lists", metadata,
+    Column("id", Id, primary_key=True),
+    Column("name", String(64), nullable=False),
+    Column("domain", String(253), nullable=False),
+    Column("display_name", String(200), nullable=False),
+    Column("description", Text, nullable=False),
+    Column("subject_prefix", String(100), nullable=False),
+    Column("archive_url", String(500), nullable=True),
+    Column("created_at", Double, nullable=False),
+    UniqueConstraint("name", "domain"),
+)
+
+members = Table(
+    "members", metadata,
+    Column("id", Id, primary_key=True),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("address", String(320), nullable=False),
+    Column("display_name", String(200), nullable=False),
+    Column("mode", String(16), nullable=False),
+    Column("enabled", Boolean, nullable=False),
+    Column("created_at", Double, nullable=False),
+    UniqueConstraint("list_id", "address"),
+    Index(None, "list_id", "mode", "id"),
+)
+
+roles = Table(
+    "roles", metadata,
+    Column("id", Id, primary_key=True),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("address", String(320), nullable=False),
+    Column("role", String(16), nullable=False),
+    UniqueConstraint("list_id", "address", "role"),
+)
+
+# One row per accepted SMTP/LMTP transaction: the raw bytes exactly as received.
+messages = Table(
+    "messages", metadata,
+    Column("id", Id, primary_key=True),
+    Column("received_at", Double, nullable=False),
+    Column("mail_from", String(320), nullable=False),
+    Column("rcpt_tos", Text, nullable=False),
+    Column("peer", String(100), nullable=False),
+    Column("helo", String(255), nullable=False),
+    Column("protocol", String(8), nullable=False),
+    Column("size", Integer, nullable=False),
+    Column("message_id", String(998), nullable=True),
+    Column("raw", LargeBinary, nullable=False),
+)
+
+# Decorated bytes to send, shared by all the outbound rows of one post, notice or digest.
+contents = Table(
+    "contents", metadata,
+    Column("id", Id, primary_key=True),
+    Column("created_at", Double, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+)
+
+
+def _queue_columns() -> list[Column[object]]:
+    """The columns every queue table has: state, lease, attempts, schedule."""
+    return [
+        Column("state", String(8), nullable=False),
+        Column("attempts", Integer, nullable=False),
+        Column("due_at", Double, nullable=False),
+        Column("lease_owner", String(100), nullable=True),
+        Column("lease_until", Double, nullable=True),
+        Column("last_error", Text, nullable=True),
+        Column("created_at", Double, nullable=False),
+        Column("updated_at", Double, nullable=False),
+    ]
+
+
+# Work for the stages before delivery: one row per (message, recipient address).
+work = Table(
+    "work", metadata,
+    Column("id", Id, primary_key=True),
+    Column("stage", String(16), nullable=False),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=True),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="SET NULL"), nullable=True),
+    Column("role", String(16), nullable=False),
+    Column("address", String(320), nullable=False),
+    Column("detail", String(500), nullable=True),
+    Column("cursor", BigInteger, nullable=True),
+    Column("content_id", Id, ForeignKey("contents.id"), nullable=True),
+    *_queue_columns(),
+    Index(None, "stage", "state", "due_at"),
+)
+
+# Mail to hand to the smarthost: one row per SMTP transaction (a recipient batch).
+outbound = Table(
+    "outbound", metadata,
+    Column("id", Id, primary_key=True),
+    Column("content_id", Id, ForeignKey("contents.id"), nullable=False),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="SET NULL"), nullable=True),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=True),
+    Column("kind", String(16), nullable=False),
+    Column("envelope_from", String(320), nullable=False),
+    Column("recipients", Text, nullable=False),
+    Column("rcpt_count", Integer, nullable=False),
+    Column("tries", Integer, nullable=False),
+    Column("first_try_at", Double, nullable=True),
+    *_queue_columns(),
+    Index(None, "state", "due_at"),
+    Index(None, "content_id"),
+)
+
+# Recipients the smarthost refused: the raw material of bounce handling.
+delivery_failures = Table(
+    "delivery_failures", metadata,
+    Column("id", Id, primary_key=True),
+    Column("at", Double, nullable=False),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), nullable=True),
+    Column("address", String(320), nullable=False),
+    Column("code", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("permanent", Boolean, nullable=False),
+    Column("kind", String(16), nullable=False),
+    Index(None, "list_id", "address"),
+)
+
+# What happened to each message at each stage, for `queue show` and audits.
+journal = Table(
+    "journal", metadata,
+    Column("id", Id, primary_key=True),
+    Column("at", Double, nullable=False),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=True),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="SET NULL"), nullable=True),
+    Column("stage", String(16), nullable=False),
+    Column("event", String(32), nullable=False),
+    Column("detail", Text, nullable=False),
+    Index(None, "message_id"),
+)
+
+QUEUE_TABLES = {"work": work, "outbound": outbound}

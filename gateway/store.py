@@ -1,0 +1,149 @@
+"""The store: one database behind SQLAlchemy, SQLite (WAL, synchronous=FULL) or PostgreSQL.
+
+Stages hand work to each other only through it. A write transaction that has
+returned has been committed and, on SQLite, fsync'd: that is what a 250 rests on.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import event
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError, OperationalError
+
+from gateway.clock import Clock
+from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+_MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+
+
+def normalise_url(url: str) -> str:
+    """PostgreSQL URLs use psycopg 3 whatever driver they name."""
+    for prefix in ("postgresql://", "postgres://", "postgresql+psycopg2://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix):]
+    return url
+
+
+class Store:
+    """A database with transactions that either commit durably or raise StoreError."""
+
+    def __init__(self, url: str, *, clock: Clock, pool_size: int = 8) -> None:
+        self.url = normalise_url(url)
+        self.clock = clock
+        self.engine = _engine(self.url, pool_size)
+
+    @property
+    def is_sqlite(self) -> bool:
+        return self.engine.dialect.name == "sqlite"
+
+    @contextmanager
+    def write(self) -> Iterator[Connection]:
+        """A write transaction: committed (and fsync'd) when the block ends without error."""
+        with self._translate():
+            with self.engine.connect().execution_options(listgate_write=True) as conn:
+                with conn.begin():
+                    yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[Connection]:
+        """A read-only transaction with a consistent snapshot."""
+        with self._translate():
+            with self.engine.connect() as conn:
+                with conn.begin():
+                    yield conn
+
+    @contextmanager
+    def _translate(self) -> Iterator[None]:
+        try:
+            yield
+        except OperationalError as exc:
+            raise StoreUnavailable(_describe(exc)) from exc
+        except DBAPIError as exc:
+            if exc.connection_invalidated:
+                raise StoreUnavailable(_describe(exc)) from exc
+            raise StoreError(_describe(exc)) from exc
+
+    # -- schema ------------------------------------------------------------
+
+    def _alembic(self) -> AlembicConfig:
+        cfg = AlembicConfig()
+        cfg.set_main_option("script_location", str(_MIGRATIONS))
+        cfg.attributes["engine"] = self.engine
+        return cfg
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest revision."""
+        with self._translate():
+            command.upgrade(self._alembic(), "head")
+
+    def revisions(self) -> tuple[str | None, str]:
+        """(the database's revision, the newest this code knows)."""
+        head = ScriptDirectory.from_config(self._alembic()).get_current_head()
+        assert head is not None
+        with self._translate(), self.engine.connect() as conn:
+            current = MigrationContext.configure(conn).get_current_revision()
+        return current, head
+
+    def check_schema(self) -> None:
+        current, head = self.revisions()
+        if current != head:
+            raise SchemaOutdated(
+                f"the database at {self.engine.url.render_as_string(hide_password=True)} is at "
+                f"revision {current or 'none (empty)'}, this Listgate needs {head}: "
+                "run `listgate db upgrade` (or `listgate init` for a new store)"
+            )
+
+    def dispose(self) -> None:
+        self.engine.dispose()
+
+
+def _describe(exc: DBAPIError) -> str:
+    return str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+
+
+def _engine(url: str, pool_size: int) -> Engine:
+    if url.startswith("sqlite"):
+        if url in ("sqlite://", "sqlite:///:memory:"):
+            raise StoreError("an in-memory SQLite store cannot be shared by stages; use a file")
+        path = sa.engine.make_url(url).database
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        engine = sa.create_engine(
+            url, pool_size=pool_size, max_overflow=pool_size,
+            connect_args={"timeout": 30, "check_same_thread": False},
+        )
+        event.listen(engine, "connect", _sqlite_connect)
+        event.listen(engine, "begin", _sqlite_begin)
+        return engine
+    return sa.create_engine(url, pool_size=pool_size, max_overflow=pool_size, pool_pre_ping=True)
+
+
+def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
+    # Take transaction control from pysqlite so that BEGIN is ours to choose.
+    dbapi_conn.isolation_level = None
+    cur = dbapi_conn.cursor()
+    cur.execute("PRAGMA journal_mode=WAL")
+    cur.execute("PRAGMA synchronous=FULL")
+    cur.execute("PRAGMA foreign_keys=ON")
+    cur.execute("PRAGMA busy_timeout=30000")
+    cur.close()
+
+
+def _sqlite_begin(conn: Connection) -> None:
+    # A writer takes the lock up front: a deferred transaction that upgrades to a
+    # write could fail with SQLITE_BUSY instead of waiting its turn.
+    write = conn.get_execution_options().get("listgate_write", False)
+    conn.exec_driver_sql("BEGIN IMMEDIATE" if write else "BEGIN")
