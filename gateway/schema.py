@@ -20,8 +20,11 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 
-# SQLite only auto-numbers an INTEGER PRIMARY KEY; PostgreSQL gets 64 bits.
+# SQLite only auto-numbers an INTEGER PRIMARY KEY; PostgreSQL gets 64 bits. Every table
+# is created with sqlite_autoincrement: SQLite would otherwise hand a deleted row's id to
+# the next row, and an id must name one thing forever (queue ids in logs, cached contents).
 Id = BigInteger().with_variant(Integer(), "sqlite")
+NEVER_REUSE = {"sqlite_autoincrement": True}
 
 metadata = MetaData(naming_convention={
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -67,6 +70,7 @@ lists = Table(
     Column("archive_url", String(500), nullable=True),
     Column("created_at", Double, nullable=False),
     UniqueConstraint("name", "domain"),
+    **NEVER_REUSE,
 )
 
 members = Table(
@@ -80,6 +84,7 @@ members = Table(
     Column("created_at", Double, nullable=False),
     UniqueConstraint("list_id", "address"),
     Index(None, "list_id", "mode", "id"),
+    **NEVER_REUSE,
 )
 
 roles = Table(
@@ -89,6 +94,7 @@ roles = Table(
     Column("address", String(320), nullable=False),
     Column("role", String(16), nullable=False),
     UniqueConstraint("list_id", "address", "role"),
+    **NEVER_REUSE,
 )
 
 # One row per accepted SMTP/LMTP transaction: the raw bytes exactly as received.
@@ -104,6 +110,7 @@ messages = Table(
     Column("size", Integer, nullable=False),
     Column("message_id", String(998), nullable=True),
     Column("raw", LargeBinary, nullable=False),
+    **NEVER_REUSE,
 )
 
 # Decorated bytes to send, shared by all the outbound rows of one post, notice or digest.
@@ -112,6 +119,7 @@ contents = Table(
     Column("id", Id, primary_key=True),
     Column("created_at", Double, nullable=False),
     Column("data", LargeBinary, nullable=False),
+    **NEVER_REUSE,
 )
 
 
@@ -143,6 +151,7 @@ work = Table(
     Column("content_id", Id, ForeignKey("contents.id"), nullable=True),
     *_queue_columns(),
     Index(None, "stage", "state", "due_at"),
+    **NEVER_REUSE,
 )
 
 # Mail to hand to the smarthost: one row per SMTP transaction (a recipient batch).
@@ -161,6 +170,7 @@ outbound = Table(
     *_queue_columns(),
     Index(None, "state", "due_at"),
     Index(None, "content_id"),
+    **NEVER_REUSE,
 )
 
 # Recipients the smarthost refused: the raw material of bounce handling.
@@ -175,6 +185,7 @@ delivery_failures = Table(
     Column("permanent", Boolean, nullable=False),
     Column("kind", String(16), nullable=False),
     Index(None, "list_id", "address"),
+    **NEVER_REUSE,
 )
 
 # What happened to each message at each stage, for `queue show` and audits.
@@ -188,6 +199,7 @@ journal = Table(
     Column("event", String(32), nullable=False),
     Column("detail", Text, nullable=False),
     Index(None, "message_id"),
+    **NEVER_REUSE,
 )
 
 QUEUE_TABLES = {"work": work, "outbound": outbound}
