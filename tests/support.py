@@ -130,10 +130,20 @@ class Sink:
 
 
 def write_config(directory: Path, *, smarthost: str = "", listen: list[str] | None = None,
-                 extra: str = "", store_url: str | None = None) -> Path:
+                 extra: str = "", store_url: str | None = None,
+                 sections: str = "") -> Path:
+    """A configuration for tests. ``extra`` holds more [delivery] lines (a key given
+    there replaces the default below); ``sections`` is appended as more tables."""
     directory.mkdir(parents=True, exist_ok=True)
     listen = listen or ["smtp://127.0.0.1:0", "lmtp://127.0.0.1:0"]
     listen_toml = ", ".join(f'"{u}"' for u in listen)
+    delivery = {"smarthost": f'"{smarthost}"', "outbox": '"outbox"',
+                "retry_initial": '"60s"', "connections": "4"}
+    for line in extra.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            delivery[key.strip()] = value.strip()
+    delivery_toml = "\n".join(f"{k} = {v}" for k, v in delivery.items())
     text = f"""
 [store]
 url = "{store_url or 'sqlite:///listgate.db'}"
@@ -148,11 +158,9 @@ lease = "30s"
 retry_delay = "1s"
 
 [delivery]
-smarthost = "{smarthost}"
-outbox = "outbox"
-retry_initial = "60s"
-connections = 4
-{extra}
+{delivery_toml}
+
+{sections}
 """
     path = directory / "listgate.toml"
     path.write_text(text, encoding="utf-8")
