@@ -135,13 +135,31 @@ def split(raw: bytes) -> Parts:
 
 
 def decode_header(value: str | None) -> str:
-    """An RFC 2047-decoded header value; undecodable pieces are kept as they are."""
+    """An RFC 2047-decoded header value as clean text.
+
+    Raw 8-bit bytes (which RFC 5322 forbids, but mail has) are read as UTF-8 when
+    they are valid UTF-8, else as Windows-1252, the usual culprit.
+    """
     if not value:
         return ""
     try:
-        return str(email.header.make_header(email.header.decode_header(value)))
+        text = str(email.header.make_header(email.header.decode_header(value)))
     except (UnicodeError, LookupError, email.errors.HeaderParseError, ValueError):
-        return value.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        text = value
+    return _unescape(text)
+
+
+def _unescape(text: str) -> str:
+    """Turn surrogate escapes (undecodable bytes kept by surrogateescape) into characters."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        raw = text.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("cp1252", "replace")
 
 
 def parse(raw: bytes) -> email.message.Message:

@@ -60,14 +60,34 @@ class Settings:
     tls_context: ssl.SSLContext | None = None
 
 
+MAX_LINE = 998  # RFC 5321 4.5.3.1.6, not counting CRLF
+_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
+
+
 def dot_stuff(data: bytes) -> bytes:
-    """The DATA payload: CRLF line endings, leading dots doubled, ending in CRLF.CRLF."""
+    """The DATA payload: CRLF line endings, no line over 998 octets, leading dots
+    doubled, ending in CRLF.CRLF."""
     data = re.sub(rb"\r?\n", b"\r\n", data)
+    if _LONG_LINE.search(data):
+        data = b"\r\n".join(_break(line) for line in data.split(b"\r\n"))
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     if data.startswith(b"."):
         data = b"." + data
     return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+
+
+def _break(line: bytes) -> bytes:
+    """Break an over-long line as Postfix's smtp_line_length_limit does: insert CRLF SPACE,
+    which keeps header fields intact (a folded line) and does least harm to MIME bodies."""
+    if len(line) <= MAX_LINE:
+        return line
+    pieces = [line[:MAX_LINE]]
+    rest = line[MAX_LINE:]
+    while rest:
+        pieces.append(b" " + rest[:MAX_LINE - 1])
+        rest = rest[MAX_LINE - 1:]
+    return b"\r\n".join(pieces)
 
 
 class SMTPClient:

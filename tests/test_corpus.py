@@ -1,0 +1,65 @@
+"""Real, odd mail over a real SMTP session: every message gets a clear answer and an end."""
+
+from __future__ import annotations
+
+import csv
+import smtplib
+from pathlib import Path
+
+import sqlalchemy as sa
+
+from gateway.schema import State, journal, outbound, work
+from gateway.store import Store
+from tests.conftest import LIST, MEMBERS
+from tests.support import Sink, gateway, wait_until
+
+# What the moderation and fanout stages may end a post with.
+TERMINAL = {"fanned-out", "discard", "reject", "dropped"}
+
+
+def odd_files(corpus: Path) -> list[Path]:
+    with open(corpus / "odd" / "MANIFEST.tsv", newline="", encoding="utf-8") as f:
+        return [corpus / "odd" / row["file"] for row in csv.DictReader(f, delimiter="\t")]
+
+
+def test_corpus_every_odd_message_is_answered_and_ends_somewhere(
+        corpus: Path, config_path: Path, sink: Sink, store: Store) -> None:
+    files = odd_files(corpus)
+    assert len(files) > 200
+    replies: dict[str, tuple[int, str]] = {}
+    with gateway(config_path) as gw:
+        with gw.smtp() as client:
+            for path in files:
+                # The envelope sender is a member, so moderation lets most through and
+                # fanout decorates them: that is the path that has to survive odd MIME.
+                try:
+                    client.sendmail(MEMBERS[1], LIST, path.read_bytes())
+                    replies[path.name] = (250, "")
+                except smtplib.SMTPResponseException as exc:
+                    replies[path.name] = (exc.smtp_code, exc.smtp_error.decode())
+                    client.rset()
+
+        def drained() -> bool:
+            with store.read() as conn:
+                left = conn.execute(sa.select(sa.func.count()).select_from(work)).scalar_one()
+                left += conn.execute(sa.select(sa.func.count()).select_from(outbound)
+                                     ).scalar_one()
+            return left == 0
+
+        wait_until(drained, timeout=120, what="every accepted message to be processed")
+
+    refused = {name: r for name, r in replies.items() if r[0] != 250}
+    # A refusal must be a proper SMTP error with an enhanced status code.
+    for name, (code, text) in refused.items():
+        assert 500 <= code < 600 and text[:1] == "5", (name, code, text)
+    accepted = len(replies) - len(refused)
+    with store.read() as conn:
+        ends = conn.execute(sa.select(journal.c.message_id, journal.c.event)).all()
+        parked = conn.execute(sa.select(sa.func.count()).select_from(work).where(
+            work.c.state == State.PARKED.value)).scalar_one()
+    ended = {mid for mid, event in ends if event in TERMINAL}
+    assert len(ended) == accepted  # every 250 reached an end, recorded in the journal
+    assert parked == 0
+    fanned_out = sum(1 for _mid, event in ends if event == "fanned-out")
+    assert sink.handler.count() == fanned_out * len(MEMBERS)
+    assert fanned_out > 0.9 * accepted
