@@ -114,16 +114,18 @@ class Moderation:
         if not queue.complete(conn, work, item.work_id, self.claimer):
             raise LeaseLost(f"work row {item.work_id}")
         lst = item.mailing_list
-        note = dict(now=now, stage=self.stage, message_id=item.message_id,
-                    log_message_id=item.facts.message_id)
+
+        def record(event: str, list_id: int | None, detail: str) -> None:
+            journal.record(conn, now=now, stage=self.stage, event=event,
+                           message_id=item.message_id, list_id=list_id, detail=detail,
+                           log_message_id=item.facts.message_id)
+
         if lst is None:
-            journal.record(conn, event="dropped", list_id=None,
-                           detail="the list was deleted before the post was moderated", **note)
+            record("dropped", None, "the list was deleted before the post was moderated")
             return
         assert decision is not None
         reasons = "; ".join(decision.reasons) or "no rule objected"
-        journal.record(conn, event=decision.action.value, list_id=lst.id,
-                       detail=f"to {lst.address}: {reasons}", **note)
+        record(decision.action.value, lst.id, f"to {lst.address}: {reasons}")
         if decision.action is Action.ACCEPT:
             conn.execute(work.insert().values(
                 stage=Stage.FANOUT.value, message_id=item.message_id, list_id=lst.id,

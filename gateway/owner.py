@@ -65,22 +65,23 @@ class Owner:
             lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
             msg = conn.execute(sa.select(messages).where(messages.c.id == row.message_id)).one()
             facts = message_facts(msg.raw)
-            note = dict(now=now, stage=self.stage, message_id=msg.id,
-                        log_message_id=facts.message_id)
+
+            def record(event: str, list_id: int | None, detail: str) -> None:
+                journal.record(conn, now=now, stage=self.stage, event=event,
+                               message_id=msg.id, list_id=list_id, detail=detail,
+                               log_message_id=facts.message_id)
+
             if lst is None:
-                journal.record(conn, event="dropped", list_id=None,
-                               detail="the list was deleted before the mail was forwarded", **note)
+                record("dropped", None, "the list was deleted before the mail was forwarded")
                 return
             owner_address = lst.identity.address("owner")
             if owner_address in facts.x_loops:
-                journal.record(conn, event="discarded", list_id=lst.id,
-                               detail=f"loop: it already carries X-Loop: {owner_address}", **note)
+                record("discarded", lst.id, f"loop: it already carries X-Loop: {owner_address}")
                 return
             owners = lists.role_holders(conn, lst.id, RoleName.OWNER)
             if not owners:
-                journal.record(conn, event="unforwarded", list_id=lst.id,
-                               detail=f"{lst.address} has no owners to forward to "
-                                      "(add one with `listgate roles add`)", **note)
+                record("unforwarded", lst.id, f"{lst.address} has no owners to forward to "
+                                              "(add one with `listgate roles add`)")
                 return
             parts = split(msg.raw)
             parts.prepend(h.RECEIVED, received_field(Trace(
@@ -90,6 +91,5 @@ class Owner:
             outgoing.send(conn, parts.to_bytes(), envelope_from=lst.identity.address("bounces"),
                           recipients=owners, kind=outgoing.Kind.FORWARD, list_id=lst.id,
                           message_id=msg.id, now=now)
-            journal.record(conn, event="forwarded", list_id=lst.id,
-                           detail=f"to the owners of {lst.address}: {', '.join(owners)}", **note)
+            record("forwarded", lst.id, f"to the owners of {lst.address}: {', '.join(owners)}")
         progress.wake.add(Stage.DELIVERY)

@@ -24,7 +24,6 @@ from sqlalchemy import (
 # is created with sqlite_autoincrement: SQLite would otherwise hand a deleted row's id to
 # the next row, and an id must name one thing forever (queue ids in logs, cached contents).
 Id = BigInteger().with_variant(Integer(), "sqlite")
-NEVER_REUSE = {"sqlite_autoincrement": True}
 
 metadata = MetaData(naming_convention={
     "ix": "ix_%(table_name)s_%(column_0_N_name)s",
@@ -70,7 +69,7 @@ lists = Table(
     Column("archive_url", String(500), nullable=True),
     Column("created_at", Double, nullable=False),
     UniqueConstraint("name", "domain"),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 members = Table(
@@ -84,7 +83,7 @@ members = Table(
     Column("created_at", Double, nullable=False),
     UniqueConstraint("list_id", "address"),
     Index(None, "list_id", "mode", "id"),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 roles = Table(
@@ -94,7 +93,7 @@ roles = Table(
     Column("address", String(320), nullable=False),
     Column("role", String(16), nullable=False),
     UniqueConstraint("list_id", "address", "role"),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 # One row per accepted SMTP/LMTP transaction: the raw bytes exactly as received.
@@ -110,7 +109,7 @@ messages = Table(
     Column("size", Integer, nullable=False),
     Column("message_id", String(998), nullable=True),
     Column("raw", LargeBinary, nullable=False),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 # Decorated bytes to send, shared by all the outbound rows of one post, notice or digest.
@@ -119,7 +118,7 @@ contents = Table(
     Column("id", Id, primary_key=True),
     Column("created_at", Double, nullable=False),
     Column("data", LargeBinary, nullable=False),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 
@@ -151,7 +150,7 @@ work = Table(
     Column("content_id", Id, ForeignKey("contents.id"), nullable=True),
     *_queue_columns(),
     Index(None, "stage", "state", "due_at"),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 # Mail to hand to the smarthost: one row per SMTP transaction (a recipient batch).
@@ -170,7 +169,7 @@ outbound = Table(
     *_queue_columns(),
     Index(None, "state", "due_at"),
     Index(None, "content_id"),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 # Recipients the smarthost refused: the raw material of bounce handling.
@@ -185,7 +184,7 @@ delivery_failures = Table(
     Column("permanent", Boolean, nullable=False),
     Column("kind", String(16), nullable=False),
     Index(None, "list_id", "address"),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 # What happened to each message at each stage, for `queue show` and audits.
@@ -199,7 +198,7 @@ journal = Table(
     Column("event", String(32), nullable=False),
     Column("detail", Text, nullable=False),
     Index(None, "message_id"),
-    **NEVER_REUSE,
+    sqlite_autoincrement=True,
 )
 
 QUEUE_TABLES = {"work": work, "outbound": outbound}

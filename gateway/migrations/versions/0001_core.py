@@ -16,7 +16,6 @@ branch_labels = None
 depends_on = None
 
 Id = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-NEVER_REUSE = {"sqlite_autoincrement": True}  # see gateway/schema.py
 
 
 def _queue_columns() -> list[sa.Column[object]]:
@@ -45,7 +44,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Double, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_lists"),
         sa.UniqueConstraint("name", "domain", name="uq_lists_name_domain"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_table(
         "members",
@@ -60,7 +59,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["list_id"], ["lists.id"], ondelete="CASCADE",
                                 name="fk_members_list_id_lists"),
         sa.UniqueConstraint("list_id", "address", name="uq_members_list_id_address"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_index("ix_members_list_id_mode_id", "members", ["list_id", "mode", "id"])
     op.create_table(
@@ -73,7 +72,7 @@ def upgrade() -> None:
         sa.ForeignKeyConstraint(["list_id"], ["lists.id"], ondelete="CASCADE",
                                 name="fk_roles_list_id_lists"),
         sa.UniqueConstraint("list_id", "address", "role", name="uq_roles_list_id_address_role"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_table(
         "messages",
@@ -88,7 +87,7 @@ def upgrade() -> None:
         sa.Column("message_id", sa.String(998), nullable=True),
         sa.Column("raw", sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_messages"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_table(
         "contents",
@@ -96,7 +95,7 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Double, nullable=False),
         sa.Column("data", sa.LargeBinary, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_contents"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_table(
         "work",
@@ -117,7 +116,7 @@ def upgrade() -> None:
                                 name="fk_work_list_id_lists"),
         sa.ForeignKeyConstraint(["content_id"], ["contents.id"],
                                 name="fk_work_content_id_contents"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_index("ix_work_stage_state_due_at", "work", ["stage", "state", "due_at"])
     op.create_table(
@@ -140,7 +139,7 @@ def upgrade() -> None:
                                 name="fk_outbound_list_id_lists"),
         sa.ForeignKeyConstraint(["message_id"], ["messages.id"],
                                 name="fk_outbound_message_id_messages"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_index("ix_outbound_state_due_at", "outbound", ["state", "due_at"])
     op.create_index("ix_outbound_content_id", "outbound", ["content_id"])
@@ -157,7 +156,7 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("id", name="pk_delivery_failures"),
         sa.ForeignKeyConstraint(["list_id"], ["lists.id"], ondelete="CASCADE",
                                 name="fk_delivery_failures_list_id_lists"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_index("ix_delivery_failures_list_id_address", "delivery_failures",
                     ["list_id", "address"])
@@ -175,7 +174,7 @@ def upgrade() -> None:
                                 name="fk_journal_message_id_messages"),
         sa.ForeignKeyConstraint(["list_id"], ["lists.id"], ondelete="SET NULL",
                                 name="fk_journal_list_id_lists"),
-        **NEVER_REUSE,
+        sqlite_autoincrement=True,  # ids are never reused: see gateway/schema.py
     )
     op.create_index("ix_journal_message_id", "journal", ["message_id"])
 
