@@ -9,6 +9,8 @@
      +-- NotFound             a list, member or queue row does not exist
      +-- Conflict             it already exists, or is in a state that forbids the change
      +-- AddressError         not a usable email address or list name
+     +-- TemporaryDNSError    a DNS lookup failed in a way that may succeed later
+     +-- SigningError         a message could not be DKIM-signed or ARC-sealed
      +-- DeliveryError        the smarthost did not take a message
           +-- TransientDeliveryError   4xx or a connection problem: try again later
           +-- PermanentDeliveryError   5xx: do not try again
@@ -51,6 +53,14 @@ class Conflict(ListgateError):
 
 class AddressError(ListgateError):
     """Not a usable email address or list name."""
+
+
+class TemporaryDNSError(ListgateError):
+    """A DNS lookup failed in a way that may succeed later (SERVFAIL, timeout)."""
+
+
+class SigningError(ListgateError):
+    """A message could not be signed or sealed; the message says why."""
 
 
 class DeliveryError(ListgateError):
