@@ -1,0 +1,1041 @@
+"""The promotional rule's scorer: explainable signals plus a learned word model, no I/O.
+
+A message is scored in log-odds from three parts::
+
+    log-odds = bias + model weight * model evidence + sum of the signals' weights
+
+- the **bias** is a prior (PRIOR_PROMOTIONAL): a message with nothing to go on is unlikely
+  to be an advert;
+- **the word model**: naive Bayes over the subject's and body's words with Robinson's
+  chi-squared combining (as SpamBayes does), its say scaled down when it knows few of a
+  message's words; its counts are mergeable, so a list's own moderator decisions add to
+  the shipped base model;
+- **signals**: what a moderator would name when calling a post an advert (calls to
+  action, prices, offers, urgency, link and image density, tracking pixels, bulk-mailer
+  headers, a shouting subject, opt-out footers, ...), and two that speak for discussion
+  (it replies to a thread, it quotes an earlier post).
+
+The weights and the default threshold travel with the model (bench/promo_train.py picks
+them by cross-validation). ``score()`` returns the probability and the signals that
+fired, each with its contribution, so the hold notice can say why. The post is judged as
+its author wrote it: footers other list servers appended are left out. Nothing here
+raises on malformed mail: parsing is compat32, bounded, and every decoding step is
+guarded. The only I/O is ``load_model()``.
+"""
+
+from __future__ import annotations
+
+import codecs
+import email.errors
+import email.message
+import html
+import json
+import math
+import quopri
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from os import PathLike
+from pathlib import Path
+from urllib.parse import urlsplit
+
+from gateway import headers as h
+from gateway.errors import ConfigError
+from gateway.message import decode_header, parse, split
+
+DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "promo_model.json"
+MODEL_FORMAT = "listgate-promo-model"
+MODEL_VERSION = 1
+
+# Bounds that keep scoring fast on any input: a promotional pitch is in the first
+# megabyte and the first few text parts of a message, never beyond.
+MAX_SCAN_BYTES = 1 << 20
+MAX_PARTS = 32
+MAX_DEPTH = 8
+MAX_PART_CHARS = 100_000
+MAX_TEXT_CHARS = 200_000
+MAX_TOKENS = 1500
+MAX_DETAIL_ITEMS = 3
+
+# The word model: SpamBayes' defaults (unknown_word_strength, unknown_word_prob,
+# minimum_prob_strength, max_discriminators).
+_PRIOR_STRENGTH = 0.45
+_PRIOR_PROB = 0.5
+_MIN_STRENGTH = 0.1
+_MAX_CLUES = 150
+# The model's probability is clipped before it enters the log-odds sum, so that one
+# over-confident model cannot silence every signal.
+_MODEL_CLIP = 0.001
+# The model has its full say once it knows this share of a message's words (list
+# discussion in the training corpus: at least 46%, nearly always above 60%).
+FULL_COVERAGE = 0.5
+
+# Errors the stdlib may raise while reading malformed MIME (header parameters, charsets,
+# transfer encodings, broken nesting). Scoring swallows exactly these.
+_MAIL_ERRORS = (LookupError, UnicodeError, ValueError, TypeError, AttributeError,
+                IndexError, AssertionError, RecursionError, email.errors.MessageError)
+
+
+@dataclass(frozen=True)
+class Signal:
+    name: str     # stable id, e.g. "call-to-action"
+    weight: float  # its contribution to the score, in log-odds (negative: speaks for discussion)
+    detail: str   # what a moderator reads
+
+
+@dataclass(frozen=True)
+class PromoScore:
+    probability: float             # 0..1, signals and model combined
+    signals: tuple[Signal, ...]    # the signals that fired, most promotional first
+    model_probability: float       # the learned model's part alone
+    threshold: float = 0.5         # the decision threshold this score was judged by
+    model_clues: tuple[str, ...] = ()  # words that most made the model lean promotional
+
+    @property
+    def promotional(self) -> bool:
+        return self.probability >= self.threshold
+
+    def top(self, n: int = 3) -> tuple[Signal, ...]:
+        """The n signals that pushed most towards promotional (positive weight only)."""
+        return tuple(s for s in self.signals if s.weight > 0)[:n]
+
+
+@dataclass(frozen=True)
+class SignalSpec:
+    name: str
+    direction: int        # +1 speaks for promotional, -1 for discussion
+    prior_weight: float   # weight used when a model carries none
+    summary: str
+
+
+SIGNALS: tuple[SignalSpec, ...] = (
+    SignalSpec("call-to-action", 1, 1.0, "asks the reader to click, buy, order, call or sign up"),
+    SignalSpec("price", 1, 0.7, "quotes prices"),
+    SignalSpec("discount", 1, 1.0, "offers discounts, free gifts, guarantees"),
+    SignalSpec("urgency", 1, 1.0, "presses for a quick decision (limited time, act now)"),
+    SignalSpec("money", 1, 1.0, "pitches money: income, loans, debt, prizes"),
+    SignalSpec("link-density", 1, 0.7, "many links for little text"),
+    SignalSpec("image-density", 1, 1.0, "mostly images, little text"),
+    SignalSpec("tracking-pixel", 1, 2.0, "a hidden 1x1 image that reports when the mail is read"),
+    SignalSpec("url-shortener", 1, 1.5, "links through a URL shortener"),
+    SignalSpec("obscured-link", 1, 1.5, "links that hide where they go"),
+    SignalSpec("hidden-text", 1, 1.5, "text styled to be invisible"),
+    SignalSpec("bulk-mailer", 1, 2.0, "headers of bulk-mail software or a newsletter service"),
+    SignalSpec("html-only", 1, 0.7, "HTML with no plain-text version"),
+    SignalSpec("shouting-subject", 1, 1.0, "a subject in capitals or with !!! or $$$"),
+    SignalSpec("unsubscribe-footer", 1, 1.0, "marketing opt-out language"),
+    SignalSpec("not-spam-claim", 1, 2.0, "claims not to be spam or to comply with a law"),
+    SignalSpec("undisclosed-recipients", 1, 0.7, "sent to undisclosed recipients"),
+    SignalSpec("reply", -1, -1.5, "replies to an earlier message"),
+    SignalSpec("quotes-earlier-post", -1, -1.0, "quotes an earlier message"),
+)
+SIGNAL_NAMES = tuple(s.name for s in SIGNALS)
+_SPECS = {s.name: s for s in SIGNALS}
+
+
+@dataclass(frozen=True)
+class Weights:
+    """How signals and the model combine: log-odds = bias + model * logit(p) + Σ signals."""
+
+    bias: float
+    model: float
+    signals: tuple[tuple[str, float], ...]
+
+    def of(self, name: str) -> float:
+        for n, w in self.signals:
+            if n == name:
+                return w
+        return _SPECS[name].prior_weight if name in _SPECS else 0.0
+
+    @classmethod
+    def prior(cls) -> Weights:
+        """Hand-set weights: a model trained on no data uses them, and training starts
+        from them (a signal the training mail never shows keeps its prior weight)."""
+        return cls(bias=logit(PRIOR_PROMOTIONAL), model=1.0,
+                   signals=tuple((s.name, s.prior_weight) for s in SIGNALS))
+
+
+DEFAULT_THRESHOLD = 0.5
+# How likely a message is promotional with nothing to go on (no signal fired, the word
+# model undecided): the bias of the log-odds sum. It is a prior, not fitted, so that mail
+# unlike the training corpus (another language, another trade) is not held for that alone.
+PRIOR_PROMOTIONAL = 0.05
+
+
+# ---------------------------------------------------------------------------------------
+# Reading a message
+
+
+@dataclass(frozen=True)
+class _Mail:
+    """What scoring needs from one message, read once."""
+
+    subject: str
+    fields: tuple[tuple[str, str], ...]   # (lower-cased name, raw value)
+    plain: str                            # text/plain parts, list footers removed
+    html: str                             # text/html source, list footers left in
+    html_text: str                        # text/html rendered to text, list footers removed
+    has_plain: bool
+    has_html: bool
+    image_parts: int                      # image/* parts (counted when there is no HTML)
+
+    def get(self, name: str) -> str | None:
+        for n, v in self.fields:
+            if n == name:
+                return v
+        return None
+
+    @property
+    def text(self) -> str:
+        """The readable body: the plain part, or the HTML's text when there is none."""
+        if self.plain.strip():
+            return self.plain
+        return self.html_text
+
+
+def _read(raw: bytes) -> _Mail:
+    raw = raw[:MAX_SCAN_BYTES]
+    if raw.startswith(b"From "):
+        # An mbox "From " line (archives, procmail): not a header field.
+        raw = raw.partition(b"\n")[2]
+    try:
+        parts = split(raw)
+        fields = tuple((f.name.lower(), f.value) for f in parts.fields[:500])
+    except _MAIL_ERRORS:
+        fields = ()
+    subject = ""
+    for name, value in fields:
+        if name == "subject":
+            subject = decode_header(value[:2000])[:1000]
+            break
+    plain: list[str] = []
+    htmls: list[str] = []
+    has_plain = has_html = False
+    images = 0
+    try:
+        msg = parse(raw)
+    except _MAIL_ERRORS:
+        msg = None
+    if msg is not None:
+        for part in _leaves(msg):
+            try:
+                ctype = part.get_content_type()
+                if ctype.startswith("image/"):
+                    images += 1
+                    continue
+                if ctype not in ("text/plain", "text/html") or _is_attachment(part):
+                    continue
+                text = _part_text(part)
+            except _MAIL_ERRORS:
+                continue
+            if ctype == "text/plain":
+                has_plain = has_plain or bool(text.strip())
+                plain.append(_strip_list_footer(text))
+            else:
+                has_html = True
+                htmls.append(text)
+    source = "\n".join(htmls)[:MAX_TEXT_CHARS]
+    return _Mail(
+        subject=subject,
+        fields=fields,
+        plain="\n".join(plain)[:MAX_TEXT_CHARS],
+        html=source,
+        html_text=_strip_list_footer(html_to_text(source)) if source else "",
+        has_plain=has_plain,
+        has_html=has_html,
+        image_parts=images,
+    )
+
+
+def _leaves(msg: email.message.Message) -> Iterator[email.message.Message]:
+    """Non-multipart parts, depth first, bounded in depth and number (no recursion)."""
+    stack: list[tuple[email.message.Message, int]] = [(msg, 0)]
+    seen = 0
+    while stack and seen < MAX_PARTS:
+        part, depth = stack.pop()
+        try:
+            multipart = part.is_multipart()
+            payload = part.get_payload() if multipart else None
+        except _MAIL_ERRORS:
+            continue
+        if multipart:
+            if depth < MAX_DEPTH and isinstance(payload, list):
+                children = [p for p in payload if isinstance(p, email.message.Message)]
+                stack.extend((c, depth + 1) for c in reversed(children))
+            continue
+        seen += 1
+        yield part
+
+
+def _is_attachment(part: email.message.Message) -> bool:
+    disposition = str(part.get(h.CONTENT_DISPOSITION, "")).lower()
+    return disposition.startswith("attachment")
+
+
+_QP_ESCAPE = re.compile(rb"=(?:3D|20|0A|3C|3E|22|[0-9A-F]{2}\r?\n)")
+
+
+def _part_text(part: email.message.Message) -> str:
+    data = part.get_payload(decode=True)
+    if not isinstance(data, bytes):
+        return ""
+    undeclared = part.get(h.CONTENT_TRANSFER_ENCODING) is None
+    if undeclared and len(_QP_ESCAPE.findall(data, 0, 4096)) >= 8:
+        # Quoted-printable sent without saying so: what a mail client would still show.
+        data = quopri.decodestring(data)
+    return _decode(data[: MAX_PART_CHARS * 2], part.get_content_charset())[:MAX_PART_CHARS]
+
+
+def _decode(data: bytes, charset: str | None) -> str:
+    """Bytes to text by the declared charset, else UTF-8, else Windows-1252; never fails."""
+    if charset:
+        try:
+            codecs.lookup(charset)
+            return data.decode(charset, "replace")
+        except (LookupError, UnicodeError, ValueError, TypeError):
+            pass
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        return data.decode("cp1252", "replace")
+
+
+_HTML_DROP = re.compile(r"<(script|style|title)\b[^>]*>.*?</\1\s*>|<!--.*?-->", re.S | re.I)
+_HTML_BLOCK = re.compile(
+    r"<\s*/?\s*(?:br|p|div|tr|td|th|li|ul|ol|h[1-6]|table|tbody|center|hr|blockquote)\b[^>]*>",
+    re.I)
+_HTML_TAG = re.compile(r"<[^<>]{0,2000}>")
+
+
+def html_to_text(source: str) -> str:
+    """The text a reader sees in an HTML part (approximately; no CSS layout)."""
+    text = _HTML_DROP.sub("", source)
+    text = _HTML_BLOCK.sub("\n", text)
+    text = _HTML_TAG.sub("", text)
+    return html.unescape(text)
+
+
+# The boilerplate other list servers append (Mailman, Yahoo! Groups, SourceForge, Google
+# Groups). Listgate scores the post as its author wrote it, so such a footer on a
+# forwarded or cross-posted message (and on every message of a list archive) is not
+# counted: its "unsubscribe" and its sponsor's advert are not the poster's. A footer is
+# recognised by an unmistakable list-server phrase near the end, and starts at the
+# separator line shortly before it (or at the phrase's own line).
+_FOOTER_SEPARATOR = re.compile(r"^[ \t]*[-_~=*]{8,}.*$", re.M)
+_FOOTER_MARKER = re.compile(
+    r"^.*mailing list\s*$(?:\n.*){0,3}(?:listinfo|mailman)|yahoo! groups|groups\.yahoo\.com"
+    r"|you received this message because you are subscribed to the google groups"
+    r"|to unsubscribe from this group|/mailman/listinfo/|/lists/listinfo/",
+    re.I | re.M)
+# Once a list footer is gone, a sponsor block the same server put just above it goes too.
+_FOOTER_OR_SPONSOR = re.compile(_FOOTER_MARKER.pattern + r"|\bsponsor(?:ed)?\b", re.I | re.M)
+_FOOTER_SPAN = 3000
+_FOOTER_REACH = 600
+
+
+def _strip_list_footer(text: str) -> str:
+    marker = _FOOTER_MARKER
+    for _round in range(3):
+        found = None
+        for last in marker.finditer(text, max(0, len(text) - _FOOTER_SPAN)):
+            found = last
+        if found is None or len(text) - found.end() > _FOOTER_REACH:
+            break  # none, or not at the end: a quoted footer is part of the discussion
+        cut = text.rfind("\n", 0, found.start()) + 1
+        for sep in _FOOTER_SEPARATOR.finditer(text, max(0, found.start() - _FOOTER_REACH),
+                                              found.start() + 1):
+            cut = sep.start()
+        text = text[:cut].rstrip()
+        marker = _FOOTER_OR_SPONSOR
+    return text
+
+
+# ---------------------------------------------------------------------------------------
+# Tokens for the model
+
+
+_URL = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"'()\[\]{}]+", re.I)
+_EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_WORD = re.compile(r"[^\W\d_][\w'’-]*", re.U)
+_SUBJECT_TAG = re.compile(r"^\s*(?:(?:re|fw|fwd|aw|sv)\s*(?:\[\d+\])?\s*:\s*|\[[^\]]{1,40}\]\s*)+",
+                          re.I)
+_CJK = re.compile(r"[\u3040-\u30ff\u3400-\u9fff\uac00-\ud7af]")
+
+
+def tokens(raw: bytes) -> list[str]:
+    """The words the model sees: subject words (prefixed ``subject:``) and body words.
+
+    Addresses and links become the markers ``<email>`` and ``<url>``: a site's name says
+    little about whether a post is an advert on another list. Unique, in order, bounded.
+    """
+    return _tokens(_read(raw))
+
+
+def _tokens(mail: _Mail) -> list[str]:
+    out: dict[str, None] = {}
+    subject = _SUBJECT_TAG.sub("", mail.subject)
+    for word in _words(subject):
+        out.setdefault("subject:" + word)
+    body = mail.text
+    if mail.has_plain and mail.has_html:
+        # Both alternatives: words only one of them carries (hidden HTML) still count.
+        body = body + "\n" + mail.html_text
+    body = body[:MAX_TEXT_CHARS]
+    if _URL.search(body):
+        out.setdefault("<url>")
+    if _EMAIL.search(body):
+        out.setdefault("<email>")
+    body = _EMAIL.sub(" ", _URL.sub(" ", body))
+    out.update(dict.fromkeys(_words(body)))
+    return list(out)[:MAX_TOKENS]
+
+
+def _words(text: str) -> list[str]:
+    out: list[str] = []
+    for word in _WORD.findall(text.lower()):
+        if 3 <= len(word) <= 20:
+            if sum(c.isdigit() for c in word) < 2:  # not a serial number or tracking code
+                out.append(word.strip("'’-").replace("’", "'"))
+        elif len(word) > 20 and _CJK.search(word):
+            # Scripts written without spaces: character pairs stand in for words.
+            out.extend(word[i:i + 2] for i in range(min(len(word) - 1, 40)))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Signals
+
+
+@dataclass(frozen=True)
+class Hit:
+    name: str
+    strength: float   # 0..1: how fully the signal fired
+    detail: str
+
+
+class _Phrases:
+    """Phrases found as whole words in lower-cased text.
+
+    Each phrase is its own pattern, tried only when the text has a word starting like
+    the phrase's first word: a few literal searches instead of one huge alternation
+    tried at every position.
+    """
+
+    def __init__(self, *patterns: str | tuple[str, str]) -> None:
+        self._items: list[tuple[str | None, str | None, re.Pattern[str]]] = []
+        for entry in patterns:
+            # An entry that cannot start with a word names a character it needs instead.
+            needs, pattern = entry if isinstance(entry, tuple) else (None, entry)
+            m = re.match(r"[a-z]+", pattern)
+            key = None
+            if m is not None:
+                literal = m.group()
+                following = pattern[m.end():m.end() + 1]
+                if following in ("?", "*", "{"):
+                    literal = literal[:-1]
+                if len(literal) >= 4 or (literal and following == " "):
+                    key = literal[:4]
+            self._items.append((key, needs, re.compile(pattern + r"(?![\w'’])")))
+
+    def find(self, text: str, prefixes: frozenset[str]) -> list[str]:
+        found: list[str] = []
+        for key, needs, pattern in self._items:
+            if key is not None and key not in prefixes:
+                continue
+            if needs is not None and not any(c in text for c in needs):
+                continue
+            for m in pattern.finditer(text):
+                before = text[m.start() - 1:m.start()]
+                if not (before.isalnum() or before in ("_", "$")):
+                    found.append(" ".join(m.group().split()))
+        return found
+
+
+def _each(words: str, rest: str) -> tuple[str, ...]:
+    """One phrase per alternative first word: "buy|order", " now" -> "buy now", "order now"."""
+    return tuple(w + rest for w in words.split("|"))
+
+
+_CALL_TO_ACTION = _Phrases(
+    r"click (?:here|below|now|on the (?:link|button)|this link)",
+    *_each("buy|order|shop|book|call|subscribe|register|join|apply|download|reply|respond",
+           r" (?:now|today)"),
+    r"order (?:online|yours|your copy)", r"call (?:us )?toll[- ]free",
+    r"sign up (?:now|today|here|for free|free)", r"visit (?:our|my) (?:web ?site|store|shop)",
+    r"get (?:started|yours|it) (?:now|today)", r"get your free", r"claim your",
+    r"request (?:a|your) free", r"try it (?:free|now|today)", r"add to cart", r"start saving",
+    r"see (?:full )?details", r"learn more",
+)
+_TOLL_FREE = re.compile(r"\(?8(?:00|88|77|66|55|44|33)\)?[-. ]?\d{3}[-. ]\d{4}(?!\d)")
+_PRICE = re.compile(
+    r"(?<![\w$])(?:[$£€¥]\s?(?:\d{1,3}(?:,\d{3})+|\d{2,}|\d)(?:\.\d{2})?(?![\d$])"
+    r"|\d+(?:[.,]\d{2})?\s?(?:[€£]|(?:usd|eur|gbp|dollars|euros)\b))")
+_SHELL_VAR = re.compile(r"^\$\d$")
+_DISCOUNT = _Phrases(
+    ("%", r"\d{1,2}\s?% off"), r"save (?:up to |over )?(?:\d{1,2}\s?%|[$£€]\s?\d)", r"discounts?",
+    r"special (?:offer|promotion|deal|price)s?",
+    r"free (?:trial|gift|shipping|quote|sample|consultation|bonus|report|membership|offer)s?",
+    r"risk[- ]free", r"no obligation", r"money[- ]back guarantee", r"satisfaction guaranteed",
+    *_each("lowest|best|wholesale", r" prices?"), r"coupons?", r"promo(?:tion(?:al)?)? code",
+    ("%", r"100\s?% free"), r"absolutely free", r"at no (?:cost|charge)",
+    r"no (?:cost|charge) to you",
+    r"half price", r"bargains?", r"clearance",
+)
+_URGENCY = _Phrases(
+    r"limited[- ]time", r"act (?:now|today|fast)", r"today only", r"offer (?:expires|ends)",
+    r"expires? (?:soon|today|tomorrow)", ("'", r"don't (?:delay|wait|miss (?:out|this))"),
+    r"dont (?:delay|wait|miss (?:out|this))",
+    r"do not (?:delay|wait|miss (?:out|this))", r"hurry (?:now|up)",
+    r"while (?:supplies|stocks?) last", r"last chance",
+    r"urgent (?:reply|response|attention|assistance|business)", r"before it'?s too late",
+    r"final notice", r"time is running out", r"ends (?:today|tonight|soon|at midnight)",
+    r"once in a lifetime", r"now or never", r"only \d+ (?:left|remaining|spots?|days? left)",
+    r"for a limited",
+)
+_MONEY = _Phrases(
+    r"make (?:big |extra |real )?money", r"earn (?:up to |over |an extra )?[$£€]\s?\d",
+    r"extra (?:income|cash)", r"work (?:from|at) home", r"home[- ]based business",
+    r"financial (?:freedom|independence)", r"be your own boss",
+    *_each("millions?|thousands", r" of dollars"),
+    ("$£€", r"[$£€]\s?\d[\d,]* (?:per|a|every) (?:day|week|month)"), r"cash (?:bonus|prize|back)",
+    *_each("pay off|eliminate|consolidate|reduce", r" (?:all )?(?:your )?(?:credit card )?debts?"),
+    r"mortgage (?:rates?|loans?)", r"refinanc(?:e|ing)",
+    *_each("low|lower|lowest", r" interest rates?"), *_each("personal|home|business", r" loans?"),
+    r"investment opportunit(?:y|ies)", *_each("business|investment", r" proposal"),
+    r"next of kin", r"wire transfer", r"you won", r"you(?:'ve| have) won", r"lottery", r"casino",
+    r"stock (?:pick|alert|tip)s?", *_each("life|health", r" insurance"),
+    r"credit (?:rating|score|repair)", r"bad credit", r"get paid",
+)
+_OPT_OUT = _Phrases(
+    r"to be removed", r"remove (?:me )?(?:from|in) the subject", r"reply with (?:the word )?remove",
+    *_each("click|go|reply", r" (?:here )?to (?:unsubscribe|be removed|opt[- ]?out)"),
+    r"to opt[- ]?out", r"you (?:can|may) opt[- ]?out",
+    r"you (?:are )?receiv(?:ed|ing) this (?:e-?mail|message|newsletter)",
+    r"this (?:e-?mail|message) (?:was|is being) sent to",
+    r"you (?:no longer )?wish to (?:be removed|unsubscribe|no longer receive)",
+    r"you (?:do not|don'?t) wish to receive", r"do not want to receive",
+    ("'", r"don't want to receive"), r"dont want to receive",
+    r"you (?:have )?(?:opted[- ]in|signed up|registered) (?:to|for|with|at)",
+    *_each("manage|update|change", r" your (?:e-?mail |subscription )?preferences"),
+    r"removed? from (?:our|this|the) (?:mailing |e-?mail )?(?:list|database)",
+    r"unsubscribe (?:here|link|instructions|at any time)",
+)
+_NOT_SPAM = _Phrases(
+    *_each("this|it", r" is not (?:a )?spam"), r"not (?:an? )?unsolicited", r"sent in compliance",
+    r"in (?:full )?compliance with", ("-", r"can-spam"),
+    ("-", r"one-time (?:mailing|e-?mail|message|offer)"),
+    r"one time (?:mailing|e-?mail|message|offer)",
+    r"you will not receive (?:any )?(?:further|more)", r"under (?:federal )?(?:bill|law) ",
+    r"this is a (?:legal|legitimate) (?:offer|business)",
+)
+
+_HREF = re.compile(r"""<a\b[^>]*?\bhref\s*=\s*["']?([^"'\s>]+)[^>]*>(.{0,300}?)</a\s*>""",
+                   re.I | re.S)
+_IMG = re.compile(r"<img\b[^>]{0,2000}>", re.I)
+_ATTR_WH = re.compile(r"""\b(width|height)\s*[=:]\s*["']?\s*(\d+)""", re.I)
+_HIDDEN_STYLE = re.compile(r"display\s*:\s*none|visibility\s*:\s*hidden", re.I)
+_HIDDEN_TEXT = re.compile(
+    r"""<(?:font|span|div|p|td)\b[^>]*?(?:"""
+    r"""\bcolor\s*[=:]\s*["']?\s*(?:#?fff(?:fff)?\b|white\b)"""
+    r"""|display\s*:\s*none|visibility\s*:\s*hidden|font-size\s*:\s*[01](?:\.\d+)?\s*(?:px|pt)?\b"""
+    r""")[^>]*>\s*([^<\s][^<]{2,})""",
+    re.I)
+_BACKGROUND = re.compile(r"\bbg-?color\b|\bbackground(?:-color)?\s*[=:]", re.I)
+_IP_HOST = re.compile(r"^(?:\d{1,3}\.){3}\d{1,3}$|^\d{8,10}$|^0x[0-9a-f]+$", re.I)
+# A web address shown as a link's text (what the reader believes they will visit).
+_ADDRESS_IN_TEXT = re.compile(r"https?://([a-z0-9.-]+\.[a-z]{2,})|\b(www\.[a-z0-9.-]+\.[a-z]{2,})",
+                              re.I)
+_QUOTE_LINE = re.compile(r"^[ \t]*(?:>|\|[ \t])", re.M)
+_ATTRIBUTION = re.compile(r"^.{0,120}\b(?:wrote|writes|said):[ \t]*$", re.M | re.I)
+_RECIPIENTS_HIDDEN = re.compile(r"undisclosed|recipient list suppressed|^\s*:;\s*$", re.I)
+
+URL_SHORTENERS = frozenset({
+    "bit.ly", "bitly.com", "tinyurl.com", "goo.gl", "t.co", "ow.ly", "is.gd", "buff.ly",
+    "rebrand.ly", "cutt.ly", "tiny.cc", "shorturl.at", "t.ly", "rb.gy", "bl.ink", "s.id",
+    "v.gd", "lnkd.in", "trib.al", "soo.gd", "clck.ru", "qr.net", "x.co", "snip.ly",
+})
+_BULK_MAILERS = re.compile(
+    r"group ?mail|mail ?king|mass ?(?:mail|send)|bulk|quick ?sender|easy ?dm|atlas ?mailer"
+    r"|mach ?5|worldmerge|gammadyne|atomic ?mail|send-?safe|dynamic ?mail|express ?mail ?sender"
+    r"|super ?mail ?sender|e-?mail ?blaster|getresponse|mailchimp|constant ?contact|sendinblue"
+    r"|brevo|mailjet|campaign ?monitor|aweber|icontact|klaviyo|hubspot|marketo|exacttarget"
+    r"|sendgrid|mailerlite|newsletter",
+    re.I)
+# Header fields newsletter services add to every campaign.
+_ESP_FIELDS = frozenset({"x-mc-user", "x-sg-eid", "x-roving-id", "x-csa-complaints",
+                         "x-mailgun-tag", "x-sib-id", "x-mailjet-campaign"})
+
+
+def signals(raw: bytes, *, model: Model | None = None) -> tuple[Signal, ...]:
+    """The signals that fire on a message, weighted by ``model``'s weights (or the priors)."""
+    weights = model.weights if model is not None else Weights.prior()
+    return _weigh(_detect(_read(raw)), weights)
+
+
+def _weigh(hits: Iterable[Hit], weights: Weights) -> tuple[Signal, ...]:
+    fired = [Signal(hit.name, round(weights.of(hit.name) * hit.strength, 3), hit.detail)
+             for hit in hits]
+    return tuple(sorted((s for s in fired if s.weight != 0.0),
+                        key=lambda s: (-s.weight, s.name)))
+
+
+def _quoted(items: Iterable[str]) -> str:
+    seen = list(dict.fromkeys(i.lower() for i in items))
+    shown = ", ".join(f'"{i}"' for i in seen[:MAX_DETAIL_ITEMS])
+    return shown + (f" and {len(seen) - MAX_DETAIL_ITEMS} more" if len(seen) > MAX_DETAIL_ITEMS
+                    else "")
+
+
+def _phrase_hit(name: str, label: str, phrases: _Phrases, text: str,
+                prefixes: frozenset[str], extra: Iterable[str] = ()) -> Hit | None:
+    found = phrases.find(text, prefixes)
+    found.extend(extra)
+    distinct = {f.lower() for f in found}
+    if not distinct:
+        return None
+    return Hit(name, min(len(distinct), 2) / 2, f"{label}: {_quoted(found)}")
+
+
+def _detect(mail: _Mail) -> list[Hit]:
+    text = mail.subject + "\n" + mail.text
+    if mail.has_plain and mail.has_html:
+        text += "\n" + mail.html_text
+    text = text[:MAX_TEXT_CHARS].lower()
+    words = len(mail.text[:MAX_TEXT_CHARS].split())
+    prefixes = frozenset(w[:4] for w in _WORD.findall(text))
+    hits: list[Hit | None] = [
+        _phrase_hit("call-to-action", "calls to action", _CALL_TO_ACTION, text, prefixes,
+                    _toll_free(text)),
+        _price(text),
+        _phrase_hit("discount", "offers", _DISCOUNT, text, prefixes),
+        _phrase_hit("urgency", "urgency", _URGENCY, text, prefixes),
+        _phrase_hit("money", "money talk", _MONEY, text, prefixes),
+        _phrase_hit("unsubscribe-footer", "opt-out footer", _OPT_OUT, text, prefixes),
+        _phrase_hit("not-spam-claim", "claims", _NOT_SPAM, text, prefixes),
+        *_links(mail, words),
+        *_images(mail, words),
+        _hidden_text(mail),
+        _bulk_mailer(mail),
+        _html_only(mail),
+        _shouting_subject(mail.subject),
+        _undisclosed(mail),
+        _reply(mail),
+        _quotes(mail),
+    ]
+    return [hit for hit in hits if hit is not None]
+
+
+def _toll_free(text: str) -> list[str]:
+    return [f"toll-free {m.group()}" for m in _TOLL_FREE.finditer(text)
+            if not text[m.start() - 1:m.start()].isdigit()][:MAX_DETAIL_ITEMS]
+
+
+_CURRENCY_HINTS = ("$", "£", "€", "¥", "usd", "eur", "gbp", "dollars")
+
+
+def _price(text: str) -> Hit | None:
+    if not any(c in text for c in _CURRENCY_HINTS):
+        return None
+    found = [" ".join(m.group().split()) for m in _PRICE.finditer(text)]
+    found = [f for f in found if not _SHELL_VAR.match(f)]
+    distinct = {f.lower() for f in found}
+    if not distinct:
+        return None
+    return Hit("price", min(len(distinct), 3) / 3, f"prices: {_quoted(found)}")
+
+
+def _host(url: str) -> str:
+    if url.lower().startswith("www."):
+        url = "http://" + url
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+    except ValueError:
+        return ""
+    return netloc.rpartition("@")[2].partition(":")[0].lower().strip(".")
+
+
+def _site(host: str) -> str:
+    """The registrable part of a host name, approximately (the last two labels)."""
+    labels = host.split(".")
+    return ".".join(labels[-3:] if len(labels) > 2 and len(labels[-1]) == 2
+                    and len(labels[-2]) <= 3 else labels[-2:])
+
+
+def _links(mail: _Mail, words: int) -> list[Hit]:
+    urls = [m.group().rstrip(".,;:!?") for m in _URL.finditer(mail.text)]
+    anchors = [(m.group(1), html_to_text(m.group(2))) for m in _HREF.finditer(mail.html)]
+    urls.extend(u for u, _text in anchors if not u.lower().startswith(("mailto:", "#")))
+    distinct = list(dict.fromkeys(urls))
+    hits: list[Hit] = []
+    n = len(distinct)
+    if n >= 3 and (words < 25 * n or n >= 10):
+        hits.append(Hit("link-density", 1.0 if n >= 6 else 0.5,
+                         f"{n} links in {words} words of text"))
+    hosts = [_host(u) for u in distinct]
+    short = sorted({x for x in hosts if x in URL_SHORTENERS})
+    if short:
+        hits.append(Hit("url-shortener", 1.0, f"links through {_quoted(short)}"))
+    obscured: list[str] = []
+    for url, host in zip(distinct, hosts, strict=True):
+        authority = url.split("//", 1)[-1].split("/", 1)[0]
+        if _IP_HOST.match(host):
+            obscured.append(f"to a bare address {host}")
+        elif "@" in authority:
+            obscured.append(f"to a disguised address {authority[:60]}")
+        elif "%" in host:
+            obscured.append(f"to an encoded host name {host[:60]}")
+    for url, shown in anchors:
+        target = _host(url)
+        m = _ADDRESS_IN_TEXT.search(shown)
+        seen = (m.group(1) or m.group(2)).lower() if m else ""
+        if target and seen and _site(seen) != _site(target):
+            obscured.append(f"showing {seen} but going to {target}")
+    if obscured:
+        shown = "; ".join(dict.fromkeys(obscured[:MAX_DETAIL_ITEMS]))
+        hits.append(Hit("obscured-link", 1.0, f"links that hide where they go: {shown}"))
+    return hits
+
+
+def _images(mail: _Mail, words: int) -> list[Hit]:
+    pixels = 0
+    # With HTML, the images a reader sees are its <img> tags (inline parts are referenced
+    # from them); without, any image part is what the message shows.
+    images = 0 if mail.html else mail.image_parts
+    for m in _IMG.finditer(mail.html):
+        tag = m.group()
+        sizes = {k.lower(): int(v) for k, v in _ATTR_WH.findall(tag) if len(v) < 6}
+        if (sizes and all(v <= 1 for v in sizes.values())) or _HIDDEN_STYLE.search(tag):
+            pixels += 1
+        else:
+            images += 1
+    hits: list[Hit] = []
+    if pixels:
+        hits.append(Hit("tracking-pixel", 1.0,
+                         f"{pixels} invisible image{'s' if pixels > 1 else ''} (1x1 or hidden)"))
+    if images and (words < 30 or (images >= 3 and words < 60 * images)):
+        hits.append(Hit("image-density", 1.0,
+                         f"{images} image{'s' if images > 1 else ''} and {words} words of text"))
+    return hits
+
+
+def _hidden_text(mail: _Mail) -> Hit | None:
+    if not mail.html:
+        return None
+    m = _HIDDEN_TEXT.search(mail.html)
+    if m is None:
+        return None
+    tag = m.group().lower()
+    if "color" in tag and not _HIDDEN_STYLE.search(tag) and "font-size" not in tag \
+            and _BACKGROUND.search(mail.html):
+        # White text on a page that sets its own background may well be readable.
+        return None
+    sample = " ".join(m.group(1).split())[:40]
+    return Hit("hidden-text", 1.0, f'invisible text: "{sample}"')
+
+
+def _bulk_mailer(mail: _Mail) -> Hit | None:
+    found: list[str] = []
+    for name in ("x-mailer", "user-agent", "x-mailer-version"):
+        value = mail.get(name)
+        if value and _BULK_MAILERS.search(value):
+            found.append(f"{name}: {value.strip()[:60]}")
+    names = {n for n, _v in mail.fields}
+    esp = sorted(n for n in names if n in _ESP_FIELDS or "campaign" in n)
+    found.extend(esp)
+    # A discussion list names its post address; a newsletter only its unsubscribe link.
+    is_list = bool(names & {"list-post", "mailing-list", "x-mailing-list"})
+    if "list-unsubscribe" in names and not is_list:
+        found.append("list-unsubscribe without a discussion list")
+    if not found:
+        return None
+    return Hit("bulk-mailer", 1.0, f"bulk-mail headers: {_quoted(found)}")
+
+
+def _html_only(mail: _Mail) -> Hit | None:
+    if mail.has_html and not mail.has_plain and mail.html_text.strip():
+        return Hit("html-only", 1.0, "HTML with no plain-text version")
+    return None
+
+
+def _shouting_subject(subject: str) -> Hit | None:
+    bare = _SUBJECT_TAG.sub("", subject)
+    letters = [c for c in bare if c.isalpha()]
+    upper = sum(1 for c in letters if c.isupper())
+    reasons: list[str] = []
+    if len(letters) >= 10 and upper / len(letters) >= 0.7:
+        reasons.append("in capitals")
+    if re.search(r"!{3,}|\${2,}|!.*!.*!", bare):
+        reasons.append("with !!! or $$$")
+    if not reasons:
+        return None
+    return Hit("shouting-subject", 1.0,
+                f'subject {" and ".join(reasons)}: "{" ".join(bare.split())[:80]}"')
+
+
+def _undisclosed(mail: _Mail) -> Hit | None:
+    to = mail.get("to")
+    if to is None or not to.strip():
+        return Hit("undisclosed-recipients", 1.0, "no To: header (the list was blind-copied)")
+    if _RECIPIENTS_HIDDEN.search(decode_header(to[:2000])):
+        return Hit("undisclosed-recipients", 1.0, f"To: {to.strip()[:60]}")
+    return None
+
+
+def _reply(mail: _Mail) -> Hit | None:
+    if mail.get("in-reply-to") or mail.get("references"):
+        return Hit("reply", 1.0, "replies to an earlier message (In-Reply-To/References)")
+    return None
+
+
+def _quotes(mail: _Mail) -> Hit | None:
+    quoted = len(_QUOTE_LINE.findall(mail.plain))
+    if quoted >= 2 or (quoted and _ATTRIBUTION.search(mail.plain)):
+        return Hit("quotes-earlier-post", 1.0, f"{quoted} quoted line{'s' if quoted > 1 else ''}")
+    return None
+
+
+# ---------------------------------------------------------------------------------------
+# The learned model
+
+
+class Model:
+    """Word counts from promotional and ham messages (each word once per message).
+
+    ``learn()`` adds one moderator decision; ``merged()`` adds a list's own counts to the
+    shipped base. The model also carries the weights that combine it with the signals and
+    the default decision threshold, both chosen by cross-validation when it was trained.
+    """
+
+    def __init__(self, *, promotional: int = 0, ham: int = 0,
+                 counts: dict[str, tuple[int, int]] | None = None,
+                 weights: Weights | None = None, threshold: float = DEFAULT_THRESHOLD) -> None:
+        self.promotional = promotional
+        self.ham = ham
+        self._counts: dict[str, list[int]] = {t: [p, q] for t, (p, q) in (counts or {}).items()}
+        self.weights = weights or Weights.prior()
+        self.threshold = threshold
+
+    @classmethod
+    def empty(cls) -> Model:
+        return cls()
+
+    def __len__(self) -> int:
+        return len(self._counts)
+
+    def counts(self, token: str) -> tuple[int, int]:
+        """(promotional, ham) messages that contained ``token``."""
+        c = self._counts.get(token)
+        return (c[0], c[1]) if c else (0, 0)
+
+    def learn(self, tokens: Iterable[str], promotional: bool) -> None:
+        index = 0 if promotional else 1
+        for token in set(tokens):
+            self._counts.setdefault(token, [0, 0])[index] += 1
+        if promotional:
+            self.promotional += 1
+        else:
+            self.ham += 1
+
+    def _prob(self, token: str) -> float | None:
+        c = self._counts.get(token)
+        if c is None:
+            return None
+        p_ratio = c[0] / self.promotional if self.promotional else 0.0
+        h_ratio = c[1] / self.ham if self.ham else 0.0
+        if p_ratio + h_ratio == 0.0:
+            return None
+        p = p_ratio / (p_ratio + h_ratio)
+        n = c[0] + c[1]
+        return (_PRIOR_STRENGTH * _PRIOR_PROB + n * p) / (_PRIOR_STRENGTH + n)
+
+    def _clues(self, tokens: Iterable[str]) -> list[tuple[float, str]]:
+        clues: list[tuple[float, str]] = []
+        for token in set(tokens):
+            f = self._prob(token)
+            if f is not None and abs(f - 0.5) >= _MIN_STRENGTH:
+                clues.append((f, token))
+        clues.sort(key=lambda c: (-abs(c[0] - 0.5), c[1]))
+        return clues[:_MAX_CLUES]
+
+    def probability(self, tokens: Iterable[str]) -> float:
+        """How promotional the words are, 0..1 (0.5: the model cannot tell)."""
+        return _combine([f for f, _t in self._clues(tokens)])
+
+    def judge(self, tokens: Iterable[str], n: int = 5) -> Verdict:
+        """The probability, how much of the message the model knows, and its clues."""
+        words = set(tokens)
+        clues = self._clues(words)
+        prob = _combine([f for f, _t in clues])
+        known = sum(1 for t in words if t in self._counts)
+        coverage = known / len(words) if words else 0.0
+        strong = sorted((c for c in clues if c[0] > 0.5), key=lambda c: (-c[0], c[1]))
+        return Verdict(prob, coverage, tuple(t for _f, t in strong[:n]))
+
+    def merged(self, other: Model) -> Model:
+        """This model's counts plus ``other``'s, with this model's weights and threshold."""
+        counts = {t: (c[0], c[1]) for t, c in self._counts.items()}
+        for token, (p, q) in other._counts.items():
+            a, b = counts.get(token, (0, 0))
+            counts[token] = (a + p, b + q)
+        return Model(promotional=self.promotional + other.promotional,
+                     ham=self.ham + other.ham, counts=counts,
+                     weights=self.weights, threshold=self.threshold)
+
+    def pruned(self, min_messages: int) -> Model:
+        """Without the words seen in fewer than ``min_messages`` messages (to ship small)."""
+        counts = {t: (c[0], c[1]) for t, c in self._counts.items()
+                  if c[0] + c[1] >= min_messages}
+        return Model(promotional=self.promotional, ham=self.ham, counts=counts,
+                     weights=self.weights, threshold=self.threshold)
+
+    def with_weights(self, weights: Weights, threshold: float) -> Model:
+        counts = {t: (c[0], c[1]) for t, c in self._counts.items()}
+        return Model(promotional=self.promotional, ham=self.ham, counts=counts,
+                     weights=weights, threshold=threshold)
+
+    def to_json(self) -> str:
+        doc = {
+            "format": MODEL_FORMAT,
+            "version": MODEL_VERSION,
+            "threshold": self.threshold,
+            "weights": {"bias": self.weights.bias, "model": self.weights.model,
+                        "signals": dict(self.weights.signals)},
+            "messages": {"promotional": self.promotional, "ham": self.ham},
+            "tokens": {t: c for t, c in sorted(self._counts.items())},
+        }
+        return json.dumps(doc, ensure_ascii=False, separators=(",", ":"))
+
+    @classmethod
+    def from_json(cls, text: str) -> Model:
+        try:
+            doc = json.loads(text)
+            if doc.get("format") != MODEL_FORMAT or doc.get("version") != MODEL_VERSION:
+                raise ConfigError(f"not a {MODEL_FORMAT} version {MODEL_VERSION} document")
+            w = doc["weights"]
+            weights = Weights(
+                bias=float(w["bias"]), model=float(w["model"]),
+                signals=tuple((str(n), float(v)) for n, v in w["signals"].items()
+                              if n in _SPECS))
+            counts: dict[str, tuple[int, int]] = {}
+            for token, (p, q) in doc["tokens"].items():
+                if not (isinstance(p, int) and isinstance(q, int) and p >= 0 and q >= 0):
+                    raise ConfigError(f"bad counts for {token!r}")
+                counts[str(token)] = (p, q)
+            messages = doc["messages"]
+            promotional, ham = int(messages["promotional"]), int(messages["ham"])
+            threshold = float(doc["threshold"])
+        except ConfigError:
+            raise
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise ConfigError(f"invalid promotional model: {exc}") from exc
+        if not 0.0 < threshold < 1.0 or promotional < 0 or ham < 0:
+            raise ConfigError("invalid promotional model: threshold or message counts")
+        return cls(promotional=promotional, ham=ham, counts=counts, weights=weights,
+                   threshold=threshold)
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """What the word model says about one message."""
+
+    probability: float        # 0..1 (0.5: cannot tell)
+    coverage: float           # the share of the message's words the model has seen
+    clues: tuple[str, ...]    # the words that most made it lean promotional
+
+    @property
+    def evidence(self) -> float:
+        """Its say in the combined score, in log-odds: the probability's log-odds, scaled
+        down when the model knows less than FULL_COVERAGE of the words. A few known words
+        are weak evidence however one-sided their counts (a post in a language the base
+        model saw only in spam must not be held for its "und" and "das")."""
+        return logit(self.probability) * min(1.0, self.coverage / FULL_COVERAGE)
+
+
+def _combine(probs: list[float]) -> float:
+    """Robinson's chi-squared combining of word probabilities (as SpamBayes does)."""
+    if not probs:
+        return 0.5
+    n = len(probs)
+    ham_log = sum(math.log(max(f, 1e-300)) for f in probs)
+    promo_log = sum(math.log(max(1.0 - f, 1e-300)) for f in probs)
+    promo = 1.0 - _chi2q(-2.0 * promo_log, 2 * n)
+    ham = 1.0 - _chi2q(-2.0 * ham_log, 2 * n)
+    return (promo - ham + 1.0) / 2.0
+
+
+def _chi2q(x2: float, v: int) -> float:
+    """P(chi-squared with v degrees of freedom >= x2), v even."""
+    m = x2 / 2.0
+    term = total = math.exp(-m)
+    for i in range(1, v // 2):
+        term *= m / i
+        total += term
+    return min(total, 1.0)
+
+
+def logit(p: float) -> float:
+    """Log-odds of a probability, clipped so that no single part can be infinitely sure."""
+    p = min(max(p, _MODEL_CLIP), 1.0 - _MODEL_CLIP)
+    return math.log(p / (1.0 - p))
+
+
+def sigmoid(z: float) -> float:
+    """The probability of log-odds ``z``."""
+    if z >= 0:
+        return 1.0 / (1.0 + math.exp(-z))
+    e = math.exp(z)
+    return e / (1.0 + e)
+
+
+# ---------------------------------------------------------------------------------------
+# Scoring
+
+
+@dataclass(frozen=True)
+class Features:
+    """A message reduced to what scoring uses: its words and the signals that fired.
+
+    Training and evaluation read each message once and score it many times from these.
+    """
+
+    tokens: tuple[str, ...]
+    hits: tuple[Hit, ...]
+
+    def strengths(self) -> dict[str, float]:
+        return {hit.name: hit.strength for hit in self.hits}
+
+
+def features(raw: bytes) -> Features:
+    mail = _read(raw)
+    return Features(tuple(_tokens(mail)), tuple(_detect(mail)))
+
+
+def score(raw: bytes, model: Model, *, threshold_hint: float | None = None) -> PromoScore:
+    """How likely ``raw`` is promotional, and why.
+
+    ``threshold_hint`` replaces the model's default decision threshold (a list's policy
+    may be stricter or more lenient); it only sets ``PromoScore.threshold``.
+    """
+    return score_features(features(raw), model, threshold_hint=threshold_hint)
+
+
+def score_features(feats: Features, model: Model, *,
+                   threshold_hint: float | None = None) -> PromoScore:
+    verdict = model.judge(feats.tokens)
+    fired = _weigh(feats.hits, model.weights)
+    z = model.weights.bias + model.weights.model * verdict.evidence
+    z += sum(s.weight for s in fired)
+    threshold = model.threshold if threshold_hint is None else threshold_hint
+    return PromoScore(probability=sigmoid(z), signals=fired,
+                      model_probability=verdict.probability, threshold=threshold,
+                      model_clues=verdict.clues)
+
+
+def load_model(path: str | PathLike[str] = DEFAULT_MODEL_PATH) -> Model:
+    """Read a model file written by ``Model.to_json()`` (bench/promo_train.py makes one)."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeError) as exc:
+        raise ConfigError(f"cannot read the promotional model {path}: {exc}") from exc
+    return Model.from_json(text)
