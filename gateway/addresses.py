@@ -11,7 +11,7 @@ from gateway.errors import AddressError
 # relays treat as routing: '%' (percent hack) and '!' (bang path).
 _LOCAL = re.compile(r"^[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*$")
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_LIST_NAME = re.compile(r"^[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+_LIST_NAME = re.compile(r"^(?!.*\.\.)[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
 
 
 def split(address: str) -> tuple[str, str]:
@@ -60,7 +60,7 @@ def check_list_name(name: str) -> str:
     if not _LIST_NAME.match(name):
         raise AddressError(
             f"{name!r}: a list name is 1-64 lower-case letters, digits, '.', '-' or '_', "
-            "starting and ending with a letter or digit"
+            "starting and ending with a letter or digit, with no '..'"
         )
     return name
 

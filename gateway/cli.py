@@ -22,17 +22,32 @@ import sqlalchemy as sa
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
+from rich.text import Text
 
-from gateway import addresses, lists, queue, routing
+from gateway import addresses, holds, learning, lists, promo, queue, routing
 from gateway.clock import SystemClock
 from gateway.config import Config, load, store_url
-from gateway.errors import AddressError, ListgateError, NotFound
+from gateway.errors import AddressError, Conflict, ListgateError, NotFound
 from gateway.policy import Policies
-from gateway.schema import QUEUE_TABLES, Mode, RoleName, State, journal, messages, outbound, work
+from gateway.rules import PromotionalParams
+from gateway.schema import (
+    QUEUE_TABLES,
+    HeldState,
+    Mode,
+    RoleName,
+    State,
+    journal,
+    messages,
+    outbound,
+    work,
+)
 from gateway.store import Store
+from gateway.templates import Templates
 
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# Markup off: list names, subject prefixes like "[Discuss]" and config errors naming
+# "[delivery]" are data, not styles.
+out = Console(highlight=False, markup=False)
+err = Console(stderr=True, highlight=False, markup=False)
 F = TypeVar("F", bound=Callable[..., Any])
 
 DEFAULT_CONFIG = "listgate.toml"
@@ -69,7 +84,7 @@ def fail_cleanly(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ListgateError as exc:
-            err.print(f"[red]error:[/red] {exc}", markup=True, soft_wrap=True)
+            err.print(Text("error: ", style="red") + Text(str(exc)), soft_wrap=True)
             sys.exit(1)
     return wrapper  # type: ignore[return-value]
 
@@ -276,6 +291,22 @@ def lists_show(obj: Context, address: str) -> None:
     out.print(table)
 
 
+@lists_group.command("set")
+@click.argument("address")
+@click.option("--emergency", type=click.Choice(["on", "off"]),
+              help="Emergency moderation: hold every post (with the emergency rule in the policy).")
+@click.pass_obj
+@fail_cleanly
+def lists_set(obj: Context, address: str, emergency: str | None) -> None:
+    """Change a list's settings."""
+    if emergency is None:
+        raise click.UsageError("nothing to change: give --emergency on|off")
+    with obj.store() as store, store.write() as conn:
+        lst = lists.get(conn, address)
+        lists.set_emergency(conn, lst, emergency == "on")
+    out.print(f"{lst.address}: emergency moderation {emergency}")
+
+
 @lists_group.command("delete")
 @click.argument("address")
 @click.option("--yes", is_flag=True, help="Really delete the list and its members.")
@@ -305,17 +336,25 @@ def members() -> None:
 @click.argument("member_addresses", metavar="ADDRESS...", nargs=-1, required=True)
 @click.option("--name", "display_name", default="", help="Display name (one address only).")
 @click.option("--mode", type=MODES, default=Mode.REGULAR.value, show_default=True)
+@click.option("--approved", is_flag=True,
+              help="Known posters: their first post is not held (the first-post rule).")
 @click.pass_obj
 @fail_cleanly
 def members_add(obj: Context, list_address: str, member_addresses: tuple[str, ...],
-                display_name: str, mode: str) -> None:
+                display_name: str, mode: str, approved: bool) -> None:
     """Subscribe addresses to LIST (no confirmation: the operator vouches for them)."""
+    added = []
     with obj.store() as store, store.write() as conn:
         lst = lists.get(conn, list_address)
         for address in member_addresses:
             member = lists.add_member(conn, lst, address, now=now(), display_name=display_name,
                                       mode=Mode(mode))
-            out.print(f"added {member.address} to {lst.address} ({member.mode.value})")
+            if approved:
+                lists.update_standing(conn, lst.id, member.address, now=now(), approved=1)
+            added.append(member)
+    # Reported once committed: one bad address adds nobody.
+    for member in added:
+        out.print(f"added {member.address} to {lst.address} ({member.mode.value})")
 
 
 @members.command("remove")
@@ -329,7 +368,8 @@ def members_remove(obj: Context, list_address: str, member_addresses: tuple[str,
         lst = lists.get(conn, list_address)
         for address in member_addresses:
             lists.remove_member(conn, lst, address)
-            out.print(f"removed {addresses.normalise(address)} from {lst.address}")
+    for address in member_addresses:
+        out.print(f"removed {addresses.normalise(address)} from {lst.address}")
 
 
 @members.command("ls")
@@ -352,9 +392,12 @@ def members_ls(obj: Context, list_address: str, mode: str | None) -> None:
                                                                path_type=Path))
 @click.option("--mode", type=MODES, default=Mode.REGULAR.value, show_default=True,
               help="Mode for rows that do not name one.")
+@click.option("--approved", is_flag=True,
+              help="Known posters (e.g. moving an existing list): no first-post hold.")
 @click.pass_obj
 @fail_cleanly
-def members_import(obj: Context, list_address: str, csv_file: Path, mode: str) -> None:
+def members_import(obj: Context, list_address: str, csv_file: Path, mode: str,
+                   approved: bool) -> None:
     """Import members from a CSV file: address[,name[,mode]] per row, optional header row.
 
     Addresses already subscribed are left as they are; bad rows are reported
@@ -377,6 +420,10 @@ def members_import(obj: Context, list_address: str, csv_file: Path, mode: str) -
             for i in range(0, len(rows), 1000):
                 with store.write() as conn:
                     n, already = lists.add_members(conn, lst, rows[i:i + 1000], now=now())
+                    if approved:
+                        for address, _name, _mode in rows[i:i + 1000]:
+                            lists.update_standing(conn, lst.id, addresses.normalise(address),
+                                                  now=now(), approved=1)
                 added += n
                 existing += already
                 progress.advance(task, len(rows[i:i + 1000]))
@@ -656,3 +703,141 @@ def policy_check(obj: Context) -> None:
     policies = Policies(config.paths.policies)
     for source in policies.files:
         out.print(f"ok: {source}")
+
+
+# -- held posts -------------------------------------------------------------------------
+
+@main.group()
+def held() -> None:
+    """Posts waiting for a moderator."""
+
+
+@held.command("ls")
+@click.argument("list_address", metavar="[LIST]", required=False)
+@click.pass_obj
+@fail_cleanly
+def held_ls(obj: Context, list_address: str | None) -> None:
+    """Held posts still waiting, oldest first."""
+    with obj.store() as store, store.read() as conn:
+        list_id = lists.get(conn, list_address).id if list_address else None
+        waiting = holds.waiting(conn, list_id)
+        names = {lst.id: lst.address for lst in lists.all_lists(conn)}
+    table = Table("id", "list", "from", "subject", "held", "expires", "why")
+    for h in waiting:
+        table.add_row(str(h.id), names.get(h.list_id, "?"), h.poster, h.subject[:40],
+                      when(h.created_at), when(h.expires_at), "; ".join(h.reasons)[:70])
+    out.print(table)
+    out.print(f"{len(waiting)} held post(s)")
+
+
+@held.command("show")
+@click.argument("held_id", type=int)
+@click.option("--raw", is_flag=True, help="Print the post exactly as received.")
+@click.pass_obj
+@fail_cleanly
+def held_show(obj: Context, held_id: int, raw: bool) -> None:
+    """One held post: why it was held, and the post itself."""
+    with obj.store() as store, store.read() as conn:
+        record = holds.get(conn, held_id)
+        if record is None:
+            raise NotFound(f"no held post #{held_id}; `listgate held ls` shows them")
+        data = conn.execute(sa.select(messages.c.raw).where(
+            messages.c.id == record.message_id)).scalar_one()
+    if raw:
+        sys.stdout.buffer.write(data)
+        return
+    t = Table(show_header=False)
+    for key, value in (("id", str(record.id)), ("from", record.poster),
+                       ("subject", record.subject), ("state", record.state.value),
+                       ("held", when(record.created_at)), ("expires", when(record.expires_at)),
+                       ("score", f"{record.promo_score:.2f}" if record.promo_score is not None
+                        else "-"),
+                       ("decided", record.describe_decision()
+                        if record.state is not HeldState.HELD else "-")):
+        t.add_row(key, value)
+    out.print(t)
+    for reason in record.reasons:
+        out.print(f"  - {reason}")
+    out.print("")
+    out.print(data[:4000].decode("utf-8", "replace"), markup=False)
+
+
+def _decide(obj: Context, held_id: int, verb: holds.Verb, reason: str, actor: str) -> None:
+    config = obj.config()
+    templates = Templates(config.paths.templates)
+    policies = Policies(config.paths.policies)
+    with obj.store() as store, store.write() as conn:
+        record = holds.get(conn, held_id)
+        if record is None:
+            raise NotFound(f"no held post #{held_id}; `listgate held ls` shows them")
+        lst = lists.by_id(conn, record.list_id)
+        assert lst is not None
+        decided = holds.decide(conn, record, verb, actor=actor, note=reason, now=now(), lst=lst,
+                               templates=templates,
+                               expiry_action=policies.for_list(lst.address).release.expiry_action)
+        if decided is None:
+            raise Conflict(f"held post #{held_id} was already {record.describe_decision()}")
+    out.print(f"held post #{held_id} is now {decided.state.value}"
+              + (" (the running gateway sends it within a poll interval)"
+                 if decided.state is HeldState.APPROVED else ""))
+
+
+def _held_action(verb: holds.Verb, help_text: str, *, reason: bool = False) -> None:
+    @click.argument("held_id", type=int)
+    @click.option("--as", "actor", default=f"operator ({os.environ.get('USER', 'cli')})",
+                  help="Who decides, for the record.")
+    @click.pass_obj
+    @fail_cleanly
+    def command(obj: Context, /, held_id: int, actor: str, **kwargs: Any) -> None:
+        _decide(obj, held_id, verb, kwargs.get("reason", ""), actor)
+
+    if reason:
+        command = click.option("--reason", default="", help="Told to the poster.")(command)
+    held.command(verb.value, help=help_text)(command)
+
+
+_held_action(holds.Verb.APPROVE, "Send a held post to the list.")
+_held_action(holds.Verb.TRUST, "Send it, and do not hold this sender's posts again.")
+_held_action(holds.Verb.REJECT, "Do not send it; tell the poster why.", reason=True)
+_held_action(holds.Verb.DISCARD, "Drop it without telling the poster.")
+_held_action(holds.Verb.BAN, "Drop it, and discard this sender's future posts.")
+
+
+# -- the promotional rule ------------------------------------------------------------------
+
+@main.group("promo")
+def promo_group() -> None:
+    """The promotional rule's scorer."""
+
+
+@promo_group.command("score")
+@click.argument("files", metavar="FILE.eml...", nargs=-1, required=True,
+                type=click.Path(exists=True, path_type=Path))
+@click.option("--list", "list_address", help="Score with this list's model and threshold "
+                                             "(default: the shipped model, default policy).")
+@click.pass_obj
+@fail_cleanly
+def promo_score(obj: Context, files: tuple[Path, ...], list_address: str | None) -> None:
+    """One line per file: path, score (0-1), hold or pass, the signals that fired.
+
+    A folder is scored file by file.
+    """
+    config = obj.config()
+    policies = Policies(config.paths.policies)
+    model = promo.load_model()
+    chain = policies.default
+    if list_address:
+        with obj.store() as store, store.read() as conn:
+            lst = lists.get(conn, list_address)
+            model = learning.Models(model).for_list(conn, lst.id)
+        chain = policies.for_list(lst.address)
+    threshold = next((s.params.threshold for s in chain.steps if s.rule == "promotional"
+                      and isinstance(s.params, PromotionalParams)),
+                     PromotionalParams().threshold)
+    paths = [p for f in files for p in (sorted(f.rglob("*")) if f.is_dir() else [f])
+             if p.is_file()]
+    for path in paths:
+        result = promo.score(path.read_bytes(), model)
+        verdict = "hold" if result.probability >= threshold else "pass"
+        fired = "; ".join(f"{s.name}: {s.detail}" for s in result.signals if s.weight > 0)
+        print(f"{path}\t{result.probability:.3f}\t{verdict}\t{fired}")

@@ -111,6 +111,24 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class ModerationConfig:
+    """Moderation that is the operator's to set (the rest is in the policy files)."""
+
+    # authserv-ids of front MTAs whose Authentication-Results headers are believed
+    # (only the topmost such header; anyone can write one further down).
+    trusted_authserv_ids: tuple[str, ...] = ()
+    sweep_interval: Seconds = Seconds(60)  # how often expiries and reminders are checked
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    """The resolver used for DKIM keys and DMARC records."""
+
+    nameservers: tuple[str, ...] = ()  # empty: the system's (/etc/resolv.conf)
+    timeout: Seconds = Seconds(5)
+
+
+@dataclass(frozen=True)
 class PathsConfig:
     """Where templates and moderation policies are read from."""
 
@@ -130,6 +148,8 @@ class Config:
     queue: QueueConfig = field(default_factory=QueueConfig)
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
+    moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    dns: DNSConfig = field(default_factory=DNSConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
@@ -199,6 +219,11 @@ def _section(cls: type[Any], name: str, table: dict[str, Any], environ: Mapping[
             values[f.name] = _convert(hints[f.name], value, root)
         except ValueError as exc:
             raise ConfigError(f"{origin}: expected {exc}, got {value!r}") from None
+    for f in dataclasses.fields(cls):
+        # A relative default path is relative to the config file, as a written one is.
+        if hints[f.name] is Path and f.name not in values and isinstance(f.default, Path) \
+                and not f.default.is_absolute():
+            values[f.name] = root / f.default
     return cls(**values)
 
 

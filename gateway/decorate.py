@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import email.quoprimime
 import email.utils
 import hashlib
 import logging
@@ -17,7 +16,7 @@ import re
 from dataclasses import dataclass
 
 from gateway import headers as h
-from gateway.message import CRLF, Parts, content_type, decode_header, split
+from gateway.message import CRLF, Parts, content_type, decode_header, normalise_eol, split
 
 log = logging.getLogger(__name__)
 
@@ -210,7 +209,7 @@ def _footer_part(footer: str) -> bytes:
     else:
         head = ('Content-Type: text/plain; charset="utf-8"\r\n'
                 "Content-Transfer-Encoding: quoted-printable")
-        body = email.quoprimime.body_encode(data, eol="\r\n").encode("ascii")
+        body = normalise_eol(quopri.encodestring(data.encode("utf-8")))
     return (head + "\r\nContent-Disposition: inline\r\n\r\n").encode("ascii") + body
 
 

@@ -78,36 +78,63 @@ class Parts:
 
 
 def normalise_eol(data: bytes) -> bytes:
-    """Every line ending as CRLF, as SMTP requires."""
-    return re.sub(rb"\r?\n", CRLF, data)
+    """Every line ending as CRLF, as SMTP requires (bare CR and bare LF included)."""
+    return re.sub(rb"\r\n|\r|\n", CRLF, data)
+
+
+_NAME = re.compile(r"^[\x21-\x39\x3b-\x7e]+$")
 
 
 def make_field(name: str, value: str) -> Field:
     """A header field from text, RFC 2047-encoding it if it is not ASCII.
 
-    Line breaks in the value are flattened: no value can add a field or end the header.
+    Line breaks in the value are flattened and the name must be a field name:
+    nothing can add a field or end the header.
     """
+    if not _NAME.match(name):
+        raise ValueError(f"not a header field name: {name!r}")
     value = re.sub(r"[\r\n]+", " ", value)
-    try:
-        value.encode("ascii")
-        charset = "us-ascii"
-    except UnicodeEncodeError:
-        charset = "utf-8"
-    if charset == "us-ascii" and len(name) + len(value) < 76:
-        raw = f"{name}: {value}".encode("ascii")
-    else:
-        encoded = email.header.Header(value, charset, header_name=name).encode(linesep="\r\n")
-        raw = f"{name}: {encoded}".encode("ascii")
-    return Field(name, raw)
+    if not value.isascii():
+        encoded = email.header.Header(value, "utf-8", header_name=name).encode(linesep="\r\n")
+        return Field(name, f"{name}: {encoded}".encode("ascii"))
+    return Field(name, _fold(f"{name}: {value}").encode("ascii"))
+
+
+def _fold(line: str, width: int = 78) -> str:
+    """Fold at blanks so lines stay under ``width`` where they can (RFC 5322 2.2.3);
+    a word longer than that stays whole."""
+    if len(line) <= width:
+        return line
+    out: list[str] = []
+    current = ""
+    words = re.split(r"(?<=\S)(?= )", line)
+    words[:2] = ["".join(words[:2])]  # never leave the field name alone on its line
+    for word in words:
+        if current and len(current) + len(word) > width:
+            out.append(current)
+            current = word
+        else:
+            current += word
+    out.append(current)
+    return "\r\n".join(out)
 
 
 def split(raw: bytes) -> Parts:
     """Split raw bytes into header fields and body, as forgivingly as Python's parser.
 
     The header block ends at the first empty line, or at the first line that is
-    neither a field nor a continuation (that line then starts the body).
+    neither a field nor a continuation (that line then starts the body). An
+    obsolete field with blanks before its colon ("Date  :", RFC 5322 4.5) is
+    written in the modern form, since other parsers take it for the body's start.
     """
     parts = Parts()
+    lines: list[bytes] = []  # the current field's lines, joined once it is complete
+    name = ""
+
+    def flush() -> None:
+        if lines:
+            parts.fields.append(Field(name, CRLF.join(lines)))
+
     pos = 0
     n = len(raw)
     while pos < n:
@@ -118,18 +145,18 @@ def split(raw: bytes) -> Parts:
             pos = line_end
             break
         if line[:1] in (b" ", b"\t"):
-            if parts.fields:
-                last = parts.fields[-1]
-                parts.fields[-1] = Field(last.name, last.raw + CRLF + line)
-            else:
-                # A continuation with nothing to continue: keep it as an unnamed field.
-                parts.fields.append(Field("", line))
+            if not lines:
+                name = ""  # a continuation with nothing to continue: an unnamed field
+            lines.append(line)
         else:
             m = _FIELD_NAME.match(line)
             if m is None:
                 break
-            parts.fields.append(Field(m.group(1).decode("ascii"), line))
+            flush()
+            name = m.group(1).decode("ascii")
+            lines = [m.group(1) + b":" + line[m.end():]]
         pos = line_end
+    flush()
     parts.body = raw[pos:]
     return parts
 
@@ -142,11 +169,22 @@ def decode_header(value: str | None) -> str:
     """
     if not value:
         return ""
+    value = _unescape(value)  # raw 8-bit first: the stdlib mangles it beside encoded words
     try:
-        text = str(email.header.make_header(email.header.decode_header(value)))
-    except (UnicodeError, LookupError, email.errors.HeaderParseError, ValueError):
-        text = value
-    return _unescape(text)
+        return str(email.header.make_header(email.header.decode_header(value)))
+    except (UnicodeError, LookupError, email.errors.MessageError, ValueError):
+        # Mixed raw text and encoded words: decode the words one by one.
+        return _ENCODED_WORD.sub(_decode_word, value)
+
+
+_ENCODED_WORD = re.compile(r"=\?[^?\s]+\?[bBqQ]\?[^?\s]*\?=")
+
+
+def _decode_word(m: re.Match[str]) -> str:
+    try:
+        return str(email.header.make_header(email.header.decode_header(m.group(0))))
+    except (UnicodeError, LookupError, email.errors.MessageError, ValueError):
+        return m.group(0)
 
 
 def _unescape(text: str) -> str:

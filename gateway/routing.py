@@ -48,7 +48,8 @@ class Route:
     purpose: str
 
     def match(self, local: str) -> re.Match[str] | None:
-        return re.fullmatch(self.pattern, local)
+        # Suffixes match in any case; captures keep theirs (tokens are case-sensitive).
+        return re.fullmatch(self.pattern, local, re.IGNORECASE)
 
 
 ROUTES: tuple[Route, ...] = (
@@ -60,9 +61,12 @@ ROUTES: tuple[Route, ...] = (
           "unsubscribe, confirmed by reply"),
     Route(Role.OWNER, r"(?P<list>.+)-owner", Stage.OWNER,
           "forwarded to the list's owners"),
-    Route(Role.CONFIRM, r"(?P<list>.+)-confirm\+(?P<detail>[A-Za-z0-9_-]{16,128})", Stage.COMMANDS,
+    # A list name never holds '+': what follows the first '+' is the route's detail,
+    # whatever it contains (a VERP-encoded member may hold "-bounces+" itself).
+    Route(Role.CONFIRM, r"(?P<list>[^+]+)-confirm\+(?P<detail>[A-Za-z0-9_-]{16,128})",
+          Stage.COMMANDS,
           "replies to confirmations and to held-message notices"),
-    Route(Role.BOUNCES, r"(?P<list>.+)-bounces(?:\+(?P<detail>[^@]+))?", Stage.BOUNCES,
+    Route(Role.BOUNCES, r"(?P<list>[^+]+)-bounces(?:\+(?P<detail>.+))?", Stage.BOUNCES,
           "delivery status notifications, VERP-encoded"),
     Route(Role.POST, r"(?P<list>.+)", Stage.MODERATION,
           "a post to the list"),

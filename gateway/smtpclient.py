@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import functools
 import logging
 import re
 import ssl
@@ -90,6 +91,11 @@ def _break(line: bytes) -> bytes:
     return b"\r\n".join(pieces)
 
 
+@functools.cache
+def _default_tls_context() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
 class SMTPClient:
     """One connection to the smarthost. Not safe for concurrent use: one transaction at a time."""
 
@@ -106,10 +112,9 @@ class SMTPClient:
     async def connect(self) -> None:
         s = self.settings
         try:
-            context = s.tls_context or ssl.create_default_context()
             self._reader, self._writer = await asyncio.wait_for(
                 asyncio.open_connection(s.host, s.port, limit=_LINE_LIMIT,
-                                        ssl=context if s.implicit_tls else None),
+                                        ssl=self._tls() if s.implicit_tls else None),
                 s.timeout)
         except (OSError, TimeoutError) as exc:
             raise TransientDeliveryError(421, f"cannot connect to smarthost {s.host}:{s.port}: "
@@ -150,7 +155,7 @@ class SMTPClient:
                 raise reply.error("STARTTLS")
             return
         assert self._writer is not None
-        context = self.settings.tls_context or ssl.create_default_context()
+        context = self._tls()
         try:
             await asyncio.wait_for(self._writer.start_tls(context,
                                                           server_hostname=self.settings.host),
@@ -173,6 +178,10 @@ class SMTPClient:
         if reply.code != 235:
             await self.close()
             raise reply.error("smarthost authentication")
+
+    def _tls(self) -> ssl.SSLContext:
+        # Built only when TLS is used: loading the CA store takes tens of milliseconds.
+        return self.settings.tls_context or _default_tls_context()
 
     @property
     def size_limit(self) -> int | None:
