@@ -108,6 +108,9 @@ def when(ts: float | None) -> str:
 def main(ctx: click.Context, config_path: Path) -> None:
     """Listgate: a mailing-list gateway that keeps lists a place for discussion."""
     ctx.obj = Context(config_path)
+    for console in (out, err):
+        # Wide when piped: a script reading our tables should not get wrapped rows.
+        console.width = console.width if console.is_terminal else 1000
 
 
 # -- set-up and running ----------------------------------------------------------
@@ -832,12 +835,12 @@ def promo_score(obj: Context, files: tuple[Path, ...], list_address: str | None)
             model = learning.Models(model).for_list(conn, lst.id)
         chain = policies.for_list(lst.address)
     threshold = next((s.params.threshold for s in chain.steps if s.rule == "promotional"
-                      and isinstance(s.params, PromotionalParams)),
-                     PromotionalParams().threshold)
+                      and isinstance(s.params, PromotionalParams)), None)
     paths = [p for f in files for p in (sorted(f.rglob("*")) if f.is_dir() else [f])
              if p.is_file()]
     for path in paths:
         result = promo.score(path.read_bytes(), model)
-        verdict = "hold" if result.probability >= threshold else "pass"
+        hold = result.promotional if threshold is None else result.probability >= threshold
+        verdict = "hold" if hold else "pass"
         fired = "; ".join(f"{s.name}: {s.detail}" for s in result.signals if s.weight > 0)
         print(f"{path}\t{result.probability:.3f}\t{verdict}\t{fired}")

@@ -13,10 +13,13 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from gateway import queue
+from gateway import learning, promo, queue
+from gateway.authentication import Resolver
 from gateway.clock import Clock, SystemClock
+from gateway.commands import Commands
 from gateway.config import Config, parse_listener, store_url
 from gateway.delivery import Delivery
+from gateway.errors import ConfigError
 from gateway.fanout import Fanout
 from gateway.intake import (
     ConnectionLimiter,
@@ -56,6 +59,7 @@ class Daemon:
     config: Config
     clock: Clock = field(default_factory=SystemClock)
     transport: Transport | None = None
+    resolver: Resolver | None = None
     bound: list[Bound] = field(default_factory=list)
     _stopping: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
@@ -70,20 +74,37 @@ class Daemon:
         config = self.config
         self._loop = loop = asyncio.get_running_loop()
         self._stopping = stopping = asyncio.Event()
+        reload_requested = asyncio.Event()
         if handle_signals:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stopping.set)
+            loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
 
-        store = Store(store_url(config), clock=self.clock, pool_size=config.store.pool_size)
-        store.check_schema()
+        # Files first: an invalid policy stops the start before anything is opened.
         policies = Policies(config.paths.policies)
         templates = Templates(config.paths.templates)
+        store = Store(store_url(config), clock=self.clock, pool_size=config.store.pool_size)
+        try:
+            await self._run(store, policies, templates, stopping, reload_requested, ready)
+        finally:
+            store.dispose()
+
+    async def _run(self, store: Store, policies: Policies, templates: Templates,
+                   stopping: asyncio.Event, reload_requested: asyncio.Event,
+                   ready: Callable[[], None] | None) -> None:
+        config = self.config
+        loop = asyncio.get_running_loop()
+        store.check_schema()
         directory = Directory(store)
         await asyncio.to_thread(directory.refresh)
         claimer = Claimer(queue.worker_identity(), config.queue.lease, config.queue.max_attempts)
         await asyncio.to_thread(self._recover, store)
         wakeups = Wakeups(loop)
         transport = self.transport or build(config.delivery, hostname=config.hostname)
+        resolver = self.resolver or Resolver(nameservers=config.dns.nameservers or None,
+                                             timeout=config.dns.timeout, clock=self.clock)
+        models = learning.Models(await asyncio.to_thread(promo.load_model))
+        trusted = config.moderation.trusted_authserv_ids
 
         writer = IntakeWriter(store, clock=self.clock, batch=config.intake.commit_batch,
                               on_commit=lambda stages: wakeups.notify(*stages))
@@ -107,10 +128,14 @@ class Daemon:
                 log.info("listening for %s on %s:%s", listener.protocol.upper(), host, port)
 
         retry = config.queue.retry_delay
+        moderation = Moderation(store, clock=self.clock, claimer=claimer, policies=policies,
+                                templates=templates, resolver=resolver, models=models,
+                                trusted_authserv_ids=trusted, retry_delay=retry)
         batch_stages: list[tuple[Stage, Callable[[], Progress]]] = [
-            (Stage.MODERATION, Moderation(store, clock=self.clock, claimer=claimer,
-                                          policies=policies, templates=templates,
-                                          retry_delay=retry).run_once),
+            (Stage.MODERATION, moderation.run_once),
+            (Stage.COMMANDS, Commands(store, clock=self.clock, claimer=claimer,
+                                      templates=templates, policies=policies, resolver=resolver,
+                                      trusted_authserv_ids=trusted, retry_delay=retry).run_once),
             (Stage.FANOUT, Fanout(store, clock=self.clock, claimer=claimer, templates=templates,
                                   hostname=config.hostname, chunk=config.fanout.chunk,
                                   max_recipients=config.delivery.max_recipients,
@@ -127,8 +152,11 @@ class Daemon:
         tasks.append(asyncio.create_task(delivery.run(wakeups, poll_interval=poll,
                                                       stopping=stopping), name="delivery"))
         background = [
-            asyncio.create_task(writer.run(), name="intake-writer"),
-            asyncio.create_task(self._refresh(directory, stopping), name="directory"),
+            asyncio.create_task(writer.run(stopping), name="intake-writer"),
+            asyncio.create_task(self._refresh(directory, stopping, reload_requested, policies),
+                                name="directory"),
+            asyncio.create_task(self._every(config.moderation.sweep_interval, moderation.sweep,
+                                            wakeups, stopping), name="moderation-sweep"),
         ]
         log.info("Listgate running: store %s, delivery to %s",
                  store.engine.url.render_as_string(hide_password=True), transport.describe())
@@ -141,11 +169,9 @@ class Daemon:
             for server in servers:
                 server.close()
             stopping.set()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            for task in background:
-                task.cancel()
-            await asyncio.gather(*background, return_exceptions=True)
-            store.dispose()
+            # Every loop ends on `stopping` and is awaited, so no worker thread still holds
+            # a store connection when the store is closed.
+            await asyncio.gather(*tasks, *background, return_exceptions=True)
             log.info("stopped")
 
     @staticmethod
@@ -159,9 +185,39 @@ class Daemon:
                                 freed, table.name)
 
     @staticmethod
-    async def _refresh(directory: Directory, stopping: asyncio.Event) -> None:
+    async def _every(interval: float, job: Callable[[], Progress], wakeups: Wakeups,
+                     stopping: asyncio.Event) -> None:
+        """Run a periodic job in a worker thread (expiries, reminders)."""
         while not stopping.is_set():
-            await asyncio.sleep(DIRECTORY_REFRESH)
+            try:
+                progress = await asyncio.to_thread(job)
+                wakeups.notify(*progress.wake)
+            except Exception:  # a periodic job is a process boundary: log, try next time
+                log.exception("periodic job %s failed", getattr(job, "__qualname__", job))
+            try:
+                await asyncio.wait_for(stopping.wait(), interval)
+            except TimeoutError:
+                pass
+
+    @staticmethod
+    async def _refresh(directory: Directory, stopping: asyncio.Event, reload: asyncio.Event,
+                       policies: Policies) -> None:
+        """Re-read the lists every few seconds, and lists and policies at once on SIGHUP."""
+        while not stopping.is_set():
+            stop, hup = asyncio.ensure_future(stopping.wait()), asyncio.ensure_future(reload.wait())
+            await asyncio.wait({stop, hup}, timeout=DIRECTORY_REFRESH,
+                               return_when=asyncio.FIRST_COMPLETED)
+            stop.cancel()
+            hup.cancel()
+            if stopping.is_set():
+                return
+            if reload.is_set():
+                reload.clear()
+                try:
+                    await asyncio.to_thread(policies.reload)
+                    log.info("SIGHUP: policies re-read from %s", policies.root)
+                except ConfigError as exc:
+                    log.error("SIGHUP: policies NOT reloaded, the ones in force stay: %s", exc)
             try:
                 await asyncio.to_thread(directory.refresh)
             except Exception:  # routing keeps the last good snapshot

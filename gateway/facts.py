@@ -31,6 +31,7 @@ class MessageFacts:
     content_type: str
     size: int
     header_count: int
+    headers: dict[str, tuple[str, ...]]  # lower-cased name -> decoded values, for header-regex
 
     @property
     def author(self) -> str | None:
@@ -50,6 +51,9 @@ class SenderFacts:
     member: Member | None
     is_moderator: bool
     is_owner: bool
+    trusted: bool = False
+    banned: bool = False
+    approved: int = 0  # the poster's posts a moderator approved on this list
 
 
 def message_facts(raw: bytes, parts: Parts | None = None) -> MessageFacts:
@@ -76,7 +80,15 @@ def message_facts(raw: bytes, parts: Parts | None = None) -> MessageFacts:
         content_type=content_type(parts.get(h.CONTENT_TYPE)).type,
         size=len(raw),
         header_count=len(parts.fields),
+        headers=_headers(parts),
     )
+
+
+def _headers(parts: Parts) -> dict[str, tuple[str, ...]]:
+    found: dict[str, list[str]] = {}
+    for f in parts.fields[:500]:
+        found.setdefault(f.name.lower(), []).append(decode_header(f.value))
+    return {name: tuple(values) for name, values in found.items()}
 
 
 _ROBOT_LOCALS = re.compile(

@@ -74,6 +74,9 @@ class Fanout:
                                detail="the list was deleted before the post went out")
             return
         content_id = row.content_id or self._store_content(row, lst)
+        with self.store.read() as conn:
+            message_id_header = conn.execute(sa.select(messages.c.message_id).where(
+                messages.c.id == row.message_id)).scalar_one_or_none()
         cursor = row.cursor or 0
         queued = 0
         while True:
@@ -99,7 +102,8 @@ class Fanout:
                     journal.record(conn, now=now, stage=self.stage, event="fanned-out",
                                    message_id=row.message_id, list_id=lst.id,
                                    detail=f"to {lst.address}: queued for {queued} "
-                                          "regular members" + (" (resumed)" if row.cursor else ""))
+                                          "regular members" + (" (resumed)" if row.cursor else ""),
+                                   log_message_id=message_id_header)
                     progress.wake.add(Stage.DELIVERY)
                     return
                 cursor = chunk[-1].id

@@ -65,9 +65,15 @@ class IntakeWriter:
         self._wake.set()
         return await future
 
-    async def run(self) -> None:
+    async def run(self, stopping: asyncio.Event) -> None:
+        """Commit until ``stopping`` is set and nothing is waiting."""
+        stop = asyncio.ensure_future(stopping.wait())
         while True:
-            await self._wake.wait()
+            if stopping.is_set() and not self._pending:
+                return
+            wake = asyncio.ensure_future(self._wake.wait())
+            await asyncio.wait({wake, stop}, return_when=asyncio.FIRST_COMPLETED)
+            wake.cancel()
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending[:self.batch], self._pending[self.batch:]

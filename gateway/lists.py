@@ -13,7 +13,7 @@ from sqlalchemy.exc import IntegrityError
 from gateway import addresses, routing
 from gateway.decorate import ListIdentity
 from gateway.errors import AddressError, Conflict, NotFound
-from gateway.schema import Mode, RoleName, lists, members, roles
+from gateway.schema import Mode, RoleName, lists, members, roles, senders
 from gateway.store import Store
 
 
@@ -27,6 +27,7 @@ class MailingList:
     subject_prefix: str
     archive_url: str | None
     created_at: float
+    emergency: bool = False
 
     @property
     def address(self) -> str:
@@ -45,7 +46,7 @@ class MailingList:
     def from_row(cls, row: Row[tuple[object, ...]]) -> MailingList:
         m = row._mapping
         return cls(m["id"], m["name"], m["domain"], m["display_name"], m["description"],
-                   m["subject_prefix"], m["archive_url"], m["created_at"])
+                   m["subject_prefix"], m["archive_url"], m["created_at"], m["emergency"])
 
 
 @dataclass(frozen=True)
@@ -227,10 +228,71 @@ def role_holders(conn: Connection, list_id: int, role: RoleName) -> list[str]:
     ).scalars())
 
 
+def moderators(conn: Connection, list_id: int) -> list[str]:
+    """Who may decide about held posts: moderators and owners."""
+    return sorted(set(role_holders(conn, list_id, RoleName.MODERATOR))
+                  | set(role_holders(conn, list_id, RoleName.OWNER)))
+
+
+def set_emergency(conn: Connection, lst: MailingList, on: bool) -> None:
+    conn.execute(sa.update(lists).where(lists.c.id == lst.id).values(emergency=on))
+
+
 def has_role(conn: Connection, list_id: int, address: str, *roles_: RoleName) -> bool:
     return conn.execute(sa.select(sa.func.count()).select_from(roles).where(
         roles.c.list_id == list_id, roles.c.address == address,
         roles.c.role.in_([r.value for r in roles_]))).scalar_one() > 0
+
+
+# -- what moderators decided about senders ---------------------------------------
+
+@dataclass(frozen=True)
+class Standing:
+    trusted: bool = False
+    banned: bool = False
+    approved: int = 0
+    rejected: int = 0
+
+
+def standing(conn: Connection, list_id: int, address: str) -> Standing:
+    row = conn.execute(sa.select(senders).where(senders.c.list_id == list_id,
+                                                senders.c.address == address)).first()
+    if row is None:
+        return Standing()
+    return Standing(row.trusted, row.banned, row.approved, row.rejected)
+
+
+def update_standing(conn: Connection, list_id: int, address: str, *, now: float,
+                    trusted: bool | None = None, banned: bool | None = None,
+                    approved: int = 0, rejected: int = 0) -> None:
+    """Record a moderator's decision about a sender (created on first use)."""
+    values: dict[str, object] = {"updated_at": now,
+                                 "approved": senders.c.approved + approved,
+                                 "rejected": senders.c.rejected + rejected}
+    if trusted is not None:
+        values["trusted"] = trusted
+    if banned is not None:
+        values["banned"] = banned
+    where = (senders.c.list_id == list_id, senders.c.address == address)
+    if conn.execute(sa.update(senders).where(*where).values(**values)).rowcount:
+        return
+    try:
+        with conn.begin_nested():
+            conn.execute(senders.insert().values(
+                list_id=list_id, address=address, trusted=bool(trusted), banned=bool(banned),
+                approved=approved, rejected=rejected, updated_at=now))
+    except IntegrityError:  # another process inserted it first: update theirs
+        conn.execute(sa.update(senders).where(*where).values(**values))
+
+
+def senders_with(conn: Connection, list_id: int, *, trusted: bool | None = None,
+                 banned: bool | None = None) -> list[str]:
+    q = sa.select(senders.c.address).where(senders.c.list_id == list_id)
+    if trusted is not None:
+        q = q.where(senders.c.trusted.is_(trusted))
+    if banned is not None:
+        q = q.where(senders.c.banned.is_(banned))
+    return list(conn.execute(q.order_by(senders.c.address)).scalars())
 
 
 # -- the directory intake routes against ------------------------------------------

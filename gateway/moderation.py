@@ -1,8 +1,13 @@
 """The moderation stage: every post runs the list's rule chain and gets a decision.
 
 accept  -> a fanout work row
+hold    -> a held post, a notice to the moderators, one to the poster when that is safe
 reject  -> a notice to the poster, unless that would be backscatter
 discard -> recorded in the journal, dropped
+
+Before the chain runs, the stage gathers what the rules may read (sender
+standing, and, when the chain needs them, authentication results and the
+promotional score from the list's own model); the rules themselves do no I/O.
 """
 
 from __future__ import annotations
@@ -13,14 +18,17 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from gateway import journal, lists, outgoing, queue
+from gateway import authentication, holds, journal, learning, lists, promo, queue
+from gateway.authentication import AuthResults
 from gateway.clock import Clock
 from gateway.errors import LeaseLost
 from gateway.facts import Envelope, MessageFacts, SenderFacts, message_facts, why_not_notify
 from gateway.lists import MailingList
-from gateway.notices import Notice, compose
-from gateway.policy import Action, Decision, Policies, decide
+from gateway.notices import Notice
+from gateway.notices import queue as queue_notice
+from gateway.policy import Action, Chain, Decision, Policies, decide
 from gateway.queue import Claimer
+from gateway.replytext import own_text
 from gateway.routing import Role, Stage
 from gateway.rules import Post
 from gateway.schema import RoleName, State, messages, work
@@ -42,18 +50,25 @@ class Item:
     envelope: Envelope
     facts: MessageFacts
     sender: SenderFacts
+    chain: Chain | None
+    post: Post | None
 
 
 class Moderation:
     stage = Stage.MODERATION
 
     def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, policies: Policies,
-                 templates: Templates, retry_delay: float, batch: int = 32) -> None:
+                 templates: Templates, resolver: authentication.Resolver,
+                 models: learning.Models, trusted_authserv_ids: tuple[str, ...] = (),
+                 retry_delay: float, batch: int = 32) -> None:
         self.store = store
         self.clock = clock
         self.claimer = claimer
         self.policies = policies
         self.templates = templates
+        self.resolver = resolver
+        self.models = models
+        self.trusted_authserv_ids = trusted_authserv_ids
         self.retry_delay = retry_delay
         self.batch = batch
 
@@ -65,7 +80,7 @@ class Moderation:
         for row in rows:
             try:
                 item = self._load(row)
-                decision = self._decide(item)
+                decision = decide(item.chain, item.post) if item.chain and item.post else None
                 with self.store.write() as conn:
                     self._apply(conn, item, decision, progress)
             except LeaseLost:
@@ -77,6 +92,8 @@ class Moderation:
                                error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
         return progress
 
+    # -- gathering facts ---------------------------------------------------------------
+
     def _load(self, row: Row[tuple[object, ...]]) -> Item:
         with self.store.read() as conn:
             msg = conn.execute(sa.select(messages.c.raw, messages.c.mail_from)
@@ -84,8 +101,26 @@ class Moderation:
             lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
             facts = message_facts(msg.raw)
             sender = self._sender_facts(conn, lst, facts, msg.mail_from)
-        return Item(row.id, row.message_id, lst, msg.raw, Envelope(msg.mail_from, row.address),
-                    facts, sender)
+            chain = self.policies.for_list(lst.address) if lst else None
+            model = self.models.for_list(conn, lst.id) if lst and chain and \
+                "promo" in chain.needs else None
+        envelope = Envelope(msg.mail_from, row.address)
+        post = None
+        if lst is not None and chain is not None:
+            needs = chain.needs
+            post = Post(
+                facts, envelope, sender, lst.identity, emergency=lst.emergency,
+                auth=self._auth(msg.raw) if "auth" in needs else None,
+                promo=promo.score(msg.raw, model) if model is not None else None,
+                first_lines=tuple(line for line in own_text(msg.raw)[1] if line.strip())[:12]
+                if "lines" in needs else (),
+            )
+        return Item(row.id, row.message_id, lst, msg.raw, envelope, facts, sender, chain, post)
+
+    def _auth(self, raw: bytes) -> AuthResults:
+        return authentication.verify(raw, self.resolver,
+                                     trusted_authserv_ids=self.trusted_authserv_ids,
+                                     use="either" if self.trusted_authserv_ids else "dkim")
 
     @staticmethod
     def _sender_facts(conn: Connection, lst: MailingList | None, facts: MessageFacts,
@@ -94,19 +129,18 @@ class Moderation:
             return SenderFacts(None, False, False)
         candidates = [a for a in (facts.author, mail_from.lower() or None) if a]
         member = lists.find_member(conn, lst.id, candidates)
-        author = facts.author or ""
+        author = facts.author or (member.address if member else "")
+        standing = lists.standing(conn, lst.id, author)
         return SenderFacts(
             member=member,
             is_moderator=lists.has_role(conn, lst.id, author, RoleName.MODERATOR),
             is_owner=lists.has_role(conn, lst.id, author, RoleName.OWNER),
+            trusted=standing.trusted,
+            banned=standing.banned,
+            approved=standing.approved,
         )
 
-    def _decide(self, item: Item) -> Decision | None:
-        if item.mailing_list is None:
-            return None
-        chain = self.policies.for_list(item.mailing_list.address)
-        post = Post(item.facts, item.envelope, item.sender, item.mailing_list.identity)
-        return decide(chain, post)
+    # -- the outcome ------------------------------------------------------------------------
 
     def _apply(self, conn: Connection, item: Item, decision: Decision | None,
                progress: Progress) -> None:
@@ -123,7 +157,11 @@ class Moderation:
         if lst is None:
             record("dropped", None, "the list was deleted before the post was moderated")
             return
-        assert decision is not None
+        assert decision is not None and item.chain is not None
+        if decision.action is Action.HOLD:
+            self._hold(conn, item, lst, item.chain, decision, now)
+            progress.wake.add(Stage.DELIVERY)
+            return
         reasons = "; ".join(decision.reasons) or "no rule objected"
         record(decision.action.value, lst.id, f"to {lst.address}: {reasons}")
         if decision.action is Action.ACCEPT:
@@ -136,6 +174,21 @@ class Moderation:
             progress.wake.add(Stage.FANOUT)
         elif decision.action is Action.REJECT:
             self._notify_rejected(conn, item, lst, decision, now, progress)
+
+    def _hold(self, conn: Connection, item: Item, lst: MailingList, chain: Chain,
+              decision: Decision, now: float) -> None:
+        auth = item.post.auth if item.post and item.post.auth else self._auth(item.raw)
+        why_not = why_not_notify(item.facts, item.envelope, auth_failed=auth.dmarc == "fail")
+        score = item.post.promo if item.post else None
+        holds.create(conn, holds.Hold(
+            message_id=item.message_id, raw=item.raw, mailing_list=lst,
+            poster=item.facts.author or item.envelope.mail_from,
+            return_path=item.envelope.mail_from,
+            subject=item.facts.subject, reasons=tuple(decision.reasons),
+            promo_score=score.probability if score else None,
+            notify_poster=chain.release.notify_poster and why_not is None,
+            in_reply_to=item.facts.message_id,
+        ), now=now, expiry=chain.release.hold_expiry, templates=self.templates)
 
     def _notify_rejected(self, conn: Connection, item: Item, lst: MailingList,
                          decision: Decision, now: float, progress: Progress) -> None:
@@ -150,11 +203,41 @@ class Moderation:
             subject=item.facts.subject, reasons=decision.reasons,
             request_address=lst.identity.address("request"),
             owner_address=lst.identity.address("owner"))
-        data = compose(Notice(to=item.envelope.mail_from,
-                              subject=f"Your message to {lst.address} was rejected",
-                              text=text, in_reply_to=item.facts.message_id),
-                       lst.identity, now=now)
-        outgoing.send(conn, data, envelope_from=lst.identity.address("bounces"),
-                      recipients=[item.envelope.mail_from], kind=outgoing.Kind.NOTICE,
-                      list_id=lst.id, message_id=item.message_id, now=now)
+        queue_notice(conn, Notice(to=item.envelope.mail_from,
+                                  subject=f"Your message to {lst.address} was rejected",
+                                  text=text, in_reply_to=item.facts.message_id),
+                     lst.identity, list_id=lst.id, message_id=item.message_id, now=now)
         progress.wake.add(Stage.DELIVERY)
+
+    # -- expiry and reminders ---------------------------------------------------------------
+
+    def sweep(self) -> Progress:
+        """Remind moderators of holds about to expire; apply the expiry action to the rest."""
+        progress = Progress()
+        now = self.clock.now()
+        with self.store.read() as conn:
+            all_lists = lists.all_lists(conn)
+        for lst in all_lists:
+            release = self.policies.for_list(lst.address).release
+            with self.store.write() as conn:
+                for record in holds.due_for_reminder(conn, now=now, list_id=lst.id,
+                                                     reminder_before=release.reminder_before):
+                    if holds.mark_reminded(conn, record, now=now):
+                        raw = conn.execute(sa.select(messages.c.raw).where(
+                            messages.c.id == record.message_id)).scalar_one()
+                        holds.notify_moderators(conn, record, lst, raw, now=now,
+                                                templates=self.templates, reminder=True)
+                        progress.worked += 1
+        with self.store.write() as conn:
+            for record in holds.expired(conn, now=now):
+                lst_ = lists.by_id(conn, record.list_id)
+                if lst_ is None:
+                    continue
+                release = self.policies.for_list(lst_.address).release
+                if holds.decide(conn, record, holds.Verb.EXPIRE, actor="expiry", note="",
+                                now=now, lst=lst_, templates=self.templates,
+                                expiry_action=release.expiry_action):
+                    progress.worked += 1
+        if progress.worked:
+            progress.wake.update({Stage.DELIVERY, Stage.FANOUT})
+        return progress

@@ -13,7 +13,10 @@ import hashlib
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 
+from sqlalchemy.engine import Connection
+
 from gateway import headers as h
+from gateway import outgoing
 from gateway.decorate import ListIdentity
 
 
@@ -65,3 +68,12 @@ def _attach_original(msg: EmailMessage, original: bytes) -> None:
     part["Content-Transfer-Encoding"] = "8bit" if eight_bit else "7bit"
     part.set_payload(original.decode("ascii", "surrogateescape"))
     msg.attach(part)
+
+
+def queue(conn: Connection, notice: Notice, lst: ListIdentity, *, list_id: int,
+          message_id: int | None, now: float, recipients: list[str] | None = None) -> None:
+    """Compose a notice and put it on the outbound queue (from the list's -bounces address,
+    so that a bounce of a notice never reaches a person)."""
+    outgoing.send(conn, compose(notice, lst, now=now), envelope_from=lst.address("bounces"),
+                  recipients=recipients or [notice.to], kind=outgoing.Kind.NOTICE,
+                  list_id=list_id, message_id=message_id, now=now)

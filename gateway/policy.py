@@ -2,7 +2,9 @@
 
 ``policies/default.toml`` declares the chain; a list overrides it with
 ``policies/lists/<list address>.toml``. Each entry names a rule, the action
-taken when it hits, and the rule's parameters.
+taken when it hits, and the rule's parameters. A ``[release]`` table says how
+held posts are released: what authenticates a moderator's reply, and when a
+hold expires.
 
 Evaluation: rules run in order. A hit whose action is ``accept``, ``reject``
 or ``discard`` decides at once. A ``hold`` hit is collected and the chain goes
@@ -15,11 +17,13 @@ from __future__ import annotations
 import dataclasses
 import enum
 import tomllib
+import types
 import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gateway.config import parse_duration
 from gateway.errors import ConfigError
 from gateway.rules import RULES, Post, RuleHit
 
@@ -39,9 +43,26 @@ class Step:
 
 
 @dataclass(frozen=True)
+class ReleaseSettings:
+    """How held posts are released and what happens when nobody decides."""
+
+    authentication: str = "dkim"     # "dkim" | "trusted-ar" | "either"
+    hold_expiry: float = 7 * 86400.0
+    reminder_before: float = 86400.0
+    expiry_action: str = "reject"    # "reject" (the poster is told) | "discard" | "approve"
+    notify_poster: bool = True       # tell a poster (when safe) that the post waits
+
+
+@dataclass(frozen=True)
 class Chain:
     source: str
     steps: tuple[Step, ...]
+    release: ReleaseSettings = ReleaseSettings()
+
+    @property
+    def needs(self) -> frozenset[str]:
+        """The facts the chain's rules need gathered (e.g. "auth", "promo")."""
+        return frozenset().union(*(RULES[s.rule].needs for s in self.steps))
 
 
 @dataclass(frozen=True)
@@ -74,10 +95,10 @@ def parse(text: str, source: str) -> Chain:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{source}: not valid TOML: {exc}") from None
-    unknown = sorted(set(data) - {"chain"})
+    unknown = sorted(set(data) - {"chain", "release"})
     if unknown:
         raise ConfigError(f"{source}: unknown key {unknown[0]!r}; "
-                          "a policy has only [[chain]] entries")
+                          "a policy has [[chain]] entries and a [release] table")
     entries = data.get("chain")
     if not isinstance(entries, list) or not entries:
         raise ConfigError(f"{source}: a policy needs at least one [[chain]] entry")
@@ -94,16 +115,46 @@ def parse(text: str, source: str) -> Chain:
             raise ConfigError(f"{where} ({rule}): action must be one of "
                               f"{', '.join(a.value for a in Action)}, "
                               f"not {entry.get('action')!r}") from None
-        if action is Action.HOLD:
-            raise ConfigError(f"{where} ({rule}): the hold action needs the moderation queue, "
-                              "which this version does not have yet")
         extra = sorted(set(entry) - {"rule", "action", "params"})
         if extra:
             raise ConfigError(f"{where} ({rule}): unknown key {extra[0]!r}; "
                               "parameters go under params = { ... }")
         params = _params(RULES[rule].params, entry.get("params", {}), f"{where} ({rule})")
         steps.append(Step(rule, action, params))
-    return Chain(source, tuple(steps))
+    return Chain(source, tuple(steps), _release(data.get("release", {}), source))
+
+
+def _release(raw: object, source: str) -> ReleaseSettings:
+    where = f"{source}: [release]"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a table")
+    known = {f.name for f in dataclasses.fields(ReleaseSettings)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r}; known keys: "
+                          f"{', '.join(sorted(known))}")
+    values: dict[str, Any] = {}
+    choices = {"authentication": ("dkim", "trusted-ar", "either"),
+               "expiry_action": ("reject", "discard", "approve")}
+    for key, value in raw.items():
+        if key in choices:
+            if value not in choices[key]:
+                raise ConfigError(f"{where}: {key} must be one of "
+                                  f"{', '.join(choices[key])}, not {value!r}")
+            values[key] = value
+        elif key == "notify_poster":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{where}: notify_poster must be true or false")
+            values[key] = value
+        else:
+            try:
+                values[key] = float(parse_duration(value))
+            except ValueError as exc:
+                raise ConfigError(f"{where}: {key}: expected {exc}, got {value!r}") from None
+    settings = ReleaseSettings(**values)
+    if settings.reminder_before >= settings.hold_expiry:
+        raise ConfigError(f"{where}: reminder_before must be shorter than hold_expiry")
+    return settings
 
 
 def _params(cls: type[Any], raw: object, where: str) -> Any:
@@ -129,6 +180,8 @@ def _params(cls: type[Any], raw: object, where: str) -> Any:
 
 
 def _is_instance(value: object, expected: Any) -> bool:
+    if isinstance(expected, types.UnionType):
+        return any(_is_instance(value, arg) for arg in typing.get_args(expected))
     if typing.get_origin(expected) is tuple:
         (item,) = {a for a in typing.get_args(expected) if a is not Ellipsis}
         return isinstance(value, list) and all(_is_instance(v, item) for v in value)
@@ -140,6 +193,8 @@ def _is_instance(value: object, expected: Any) -> bool:
 
 
 def _describe(expected: Any) -> str:
+    if isinstance(expected, types.UnionType):
+        return " or ".join(_describe(a) for a in typing.get_args(expected) if a is not type(None))
     if typing.get_origin(expected) is tuple:
         return "a list"
     return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
@@ -151,12 +206,20 @@ class Policies:
 
     def __init__(self, root: Path) -> None:
         self.root = root
-        self.default = load_file(root / "default.toml")
-        self._lists: dict[str, Chain] = {}
-        lists_dir = root / "lists"
+        self.default, self._lists = self._read()
+
+    def _read(self) -> tuple[Chain, dict[str, Chain]]:
+        default = load_file(self.root / "default.toml")
+        per_list: dict[str, Chain] = {}
+        lists_dir = self.root / "lists"
         if lists_dir.is_dir():
             for path in sorted(lists_dir.glob("*.toml")):
-                self._lists[path.stem.lower()] = load_file(path)
+                per_list[path.stem.lower()] = load_file(path)
+        return default, per_list
+
+    def reload(self) -> None:
+        """Read the files again; on any error keep the policies in force and raise."""
+        self.default, self._lists = self._read()
 
     def for_list(self, list_address: str) -> Chain:
         return self._lists.get(list_address.lower(), self.default)

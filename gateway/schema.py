@@ -19,6 +19,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
 )
+from sqlalchemy import false as sa_false
 
 # SQLite only auto-numbers an INTEGER PRIMARY KEY; PostgreSQL gets 64 bits. Every table
 # is created with sqlite_autoincrement: SQLite would otherwise hand a deleted row's id to
@@ -68,6 +69,7 @@ lists = Table(
     Column("subject_prefix", String(100), nullable=False),
     Column("archive_url", String(500), nullable=True),
     Column("created_at", Double, nullable=False),
+    Column("emergency", Boolean, nullable=False, server_default=sa_false()),
     UniqueConstraint("name", "domain"),
     sqlite_autoincrement=True,
 )
@@ -199,6 +201,80 @@ journal = Table(
     Column("detail", Text, nullable=False),
     Index(None, "message_id"),
     sqlite_autoincrement=True,
+)
+
+class HeldState(enum.Enum):
+    """Where a held post stands. Only HELD can change, and only once."""
+
+    HELD = "held"
+    APPROVED = "approved"
+    REJECTED = "rejected"
+    DISCARDED = "discarded"
+    WITHDRAWN = "withdrawn"
+    EXPIRED = "expired"
+
+
+# Posts waiting for a moderator, with every reason the chain collected.
+held = Table(
+    "held", metadata,
+    Column("id", Id, primary_key=True),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=False),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("poster", String(320), nullable=False),
+    Column("subject", String(500), nullable=False),
+    Column("reasons", Text, nullable=False),
+    Column("promo_score", Double, nullable=True),
+    Column("notify_poster", Boolean, nullable=False),
+    Column("state", String(12), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    Column("reminded_at", Double, nullable=True),
+    Column("decided_at", Double, nullable=True),
+    Column("decided_by", String(320), nullable=True),
+    Column("note", Text, nullable=True),
+    Index(None, "list_id", "state"),
+    Index(None, "state", "expires_at"),
+    sqlite_autoincrement=True,
+)
+
+# Capabilities sent by mail (LIST-confirm+TOKEN@): only their SHA-256 is stored.
+tokens = Table(
+    "tokens", metadata,
+    Column("id", Id, primary_key=True),
+    Column("digest", String(64), nullable=False, unique=True),
+    Column("kind", String(16), nullable=False),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("held_id", Id, ForeignKey("held.id", ondelete="CASCADE"), nullable=True),
+    Column("address", String(320), nullable=False),
+    Column("created_at", Double, nullable=False),
+    Column("expires_at", Double, nullable=False),
+    Column("used_at", Double, nullable=True),
+    Column("used_by", String(320), nullable=True),
+    sqlite_autoincrement=True,
+)
+
+# What moderators decided about a sender on a list: trusted, banned, posts approved.
+senders = Table(
+    "senders", metadata,
+    Column("id", Id, primary_key=True),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("address", String(320), nullable=False),
+    Column("trusted", Boolean, nullable=False),
+    Column("banned", Boolean, nullable=False),
+    Column("approved", Integer, nullable=False),
+    Column("rejected", Integer, nullable=False),
+    Column("updated_at", Double, nullable=False),
+    UniqueConstraint("list_id", "address"),
+    sqlite_autoincrement=True,
+)
+
+# Each list's own learning on top of the shipped promotional model.
+list_models = Table(
+    "list_models", metadata,
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), primary_key=True),
+    Column("model", Text, nullable=False),
+    Column("decisions", Integer, nullable=False),
+    Column("updated_at", Double, nullable=False),
 )
 
 QUEUE_TABLES = {"work": work, "outbound": outbound}

@@ -13,7 +13,7 @@ from gateway import lists
 from gateway.clock import SystemClock
 from gateway.schema import RoleName
 from gateway.store import Store
-from tests.support import CORPUS, Sink, write_config
+from tests.support import CORE_POLICY, CORPUS, Sink, write_config
 
 PG_ADMIN = os.environ.get("LISTGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_REQUIRED = os.environ.get("LISTGATE_TEST_POSTGRES", "") == "required"
@@ -85,7 +85,8 @@ def config_path(tmp_path: Path, sink: Sink, store: Store, store_url: str) -> Pat
         for address in MEMBERS:
             lists.add_member(conn, lst, address, now=0.0)
         lists.add_role(conn, lst, MEMBERS[0], RoleName.OWNER)
-    return write_config(tmp_path / "gw", smarthost=sink.url, store_url=store_url)
+    return write_config(tmp_path / "gw", smarthost=sink.url, store_url=store_url,
+                        policy=CORE_POLICY)
 
 
 @pytest.fixture(scope="session")

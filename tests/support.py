@@ -19,6 +19,7 @@ from typing import Any
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
 
+from gateway.authentication import Resolver
 from gateway.clock import Clock, SystemClock
 from gateway.config import Config, load
 from gateway.daemon import Daemon
@@ -33,7 +34,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float = 10.0,
+def wait_until(predicate: Callable[[], bool], timeout: float = 30.0,
                what: str = "condition") -> None:
     """Wait for something that happens asynchronously (not for a schedule)."""
     deadline = time.monotonic() + timeout
@@ -123,18 +124,35 @@ class Sink:
     def url(self) -> str:
         return f"smtp://127.0.0.1:{self.port}"
 
-    def wait_for(self, copies: int, timeout: float = 10.0) -> list[tuple[str, bytes]]:
+    def wait_for(self, copies: int, timeout: float = 30.0) -> list[tuple[str, bytes]]:
         wait_until(lambda: self.handler.count() >= copies, timeout,
                    f"{copies} copies at the sink (have {self.handler.count()})")
         return self.handler.copies()
 
 
+CORE_POLICY = """
+[[chain]]
+rule = "loop"
+action = "discard"
+
+[[chain]]
+rule = "non-member"
+action = "reject"
+"""
+
+
 def write_config(directory: Path, *, smarthost: str = "", listen: list[str] | None = None,
                  extra: str = "", store_url: str | None = None,
-                 sections: str = "") -> Path:
+                 sections: str = "", policy: str | None = None) -> Path:
     """A configuration for tests. ``extra`` holds more [delivery] lines (a key given
-    there replaces the default below); ``sections`` is appended as more tables."""
+    there replaces the default below); ``sections`` is appended as more tables;
+    ``policy``, if given, becomes the default policy (else the shipped one is used)."""
     directory.mkdir(parents=True, exist_ok=True)
+    if policy is not None:
+        (directory / "policies").mkdir(exist_ok=True)
+        (directory / "policies" / "default.toml").write_text(policy, encoding="utf-8")
+        sections = f'[paths]\npolicies = "policies"\n\n{sections}'
+
     listen = listen or ["smtp://127.0.0.1:0", "lmtp://127.0.0.1:0"]
     listen_toml = ", ".join(f'"{u}"' for u in listen)
     delivery = {"smarthost": f'"{smarthost}"', "outbox": '"outbox"',
@@ -170,9 +188,12 @@ retry_delay = "1s"
 class RunningGateway:
     """The real daemon, in this process, on its own event loop thread."""
 
-    def __init__(self, config: Config, *, clock: Clock | None = None) -> None:
+    def __init__(self, config: Config, *, clock: Clock | None = None,
+                 resolver: Resolver | None = None) -> None:
         self.config = config
-        self.daemon = Daemon(config, clock=clock or SystemClock())
+        # No test reaches the network: by default DNS answers NXDOMAIN for everything.
+        self.daemon = Daemon(config, clock=clock or SystemClock(),
+                             resolver=resolver or Resolver(records={}))
         self._thread: threading.Thread | None = None
         self._ready = threading.Event()
         self._error: BaseException | None = None
@@ -215,12 +236,12 @@ class RunningGateway:
 
 
 @contextmanager
-def gateway(config_path: Path, *, clock: Clock | None = None,
+def gateway(config_path: Path, *, clock: Clock | None = None, resolver: Resolver | None = None,
             **overrides: Any) -> Iterator[RunningGateway]:
     config = load(config_path)
     if overrides:
         config = replace(config, **overrides)
-    running = RunningGateway(config, clock=clock).start()
+    running = RunningGateway(config, clock=clock, resolver=resolver).start()
     try:
         yield running
     finally:

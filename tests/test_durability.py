@@ -15,7 +15,7 @@ from gateway import lists
 from gateway.schema import State, messages, outbound, work
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS
-from tests.support import GatewayProcess, Sink, free_port, post, wait_until, write_config
+from tests.support import CORE_POLICY, GatewayProcess, Sink, free_port, post, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -43,7 +43,8 @@ def daemon_config(tmp: Path, sink: Sink, store_url: str, smtp_port: int,
                   sections: str = "") -> Path:
     return write_config(tmp, smarthost=sink.url, store_url=store_url,
                         listen=[f"smtp://127.0.0.1:{smtp_port}"],
-                        extra='retry_initial = "1s"\nretry_max = "2s"', sections=sections)
+                        extra='retry_initial = "1s"\nretry_max = "2s"', sections=sections,
+                        policy=CORE_POLICY)
 
 
 def send_posts(port: int, count: int, prefix: str) -> list[str]:

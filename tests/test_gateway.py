@@ -139,7 +139,6 @@ def test_gateway_owner_mail_is_forwarded_to_owners(config_path: Path, sink: Sink
     ("discuss-request@example.org", "commands", "request"),
     ("discuss-join@example.org", "commands", "join"),
     ("discuss-leave@example.org", "commands", "leave"),
-    ("discuss-confirm+abcdefghijklmnopqrstuvwxyz234567@example.org", "commands", "confirm"),
     ("discuss-bounces+bob=example.net@example.org", "bounces", "bounces"),
 ])
 def test_gateway_other_roles_are_stored_for_their_stage(config_path: Path, store: Store,

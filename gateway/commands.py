@@ -1,0 +1,273 @@
+"""The commands stage: mail to LIST-confirm+TOKEN@ (and, later, -request, -join, -leave).
+
+A reply to a held-post notice releases nothing unless all of these hold:
+the token exists, belongs to this list and this held post, is unused and
+unexpired; the reply's From is a moderator (or owner) of the list and its
+envelope sender is the same address; the reply authenticates as the list's
+policy demands (a valid DKIM signature of the From domain, or the verdict of
+a trusted front MTA); and its first written line (or subject) is a verb.
+Forgeries change nothing and get no reply, except that a moderator is told
+why a reply from their own address was refused.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Row
+
+from gateway import authentication, holds, journal, lists, queue, tokens
+from gateway.clock import Clock
+from gateway.errors import LeaseLost
+from gateway.facts import Envelope, MessageFacts, message_facts, why_not_notify
+from gateway.lists import MailingList
+from gateway.notices import Notice
+from gateway.notices import queue as queue_notice
+from gateway.policy import Policies
+from gateway.queue import Claimer
+from gateway.replytext import find_command
+from gateway.routing import Role, Stage
+from gateway.schema import HeldState, RoleName, messages, work
+from gateway.store import Store
+from gateway.templates import Templates
+from gateway.worker import Progress
+
+log = logging.getLogger(__name__)
+
+_BATV = re.compile(r"^(prvs|msprvs\d?|btv1)=[^=]+=", re.IGNORECASE)
+
+
+def same_sender(header_from: str, envelope_from: str) -> bool:
+    """The envelope sender is the From address (allowing a BATV-tagged return path)."""
+    local, _, domain = envelope_from.lower().partition("@")
+    return header_from.lower() == f"{_BATV.sub('', local)}@{domain}"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A message to the confirm address, read and checked outside any write transaction."""
+
+    work_id: int
+    message_id: int
+    raw: bytes
+    facts: MessageFacts
+    envelope: Envelope
+    mailing_list: MailingList | None
+    token: tokens.Token | None
+
+
+class Commands:
+    stage = Stage.COMMANDS
+    roles = (Role.CONFIRM,)
+
+    def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, templates: Templates,
+                 policies: Policies, resolver: authentication.Resolver,
+                 trusted_authserv_ids: tuple[str, ...], retry_delay: float,
+                 batch: int = 16) -> None:
+        self.store = store
+        self.clock = clock
+        self.claimer = claimer
+        self.templates = templates
+        self.policies = policies
+        self.resolver = resolver
+        self.trusted_authserv_ids = trusted_authserv_ids
+        self.retry_delay = retry_delay
+        self.batch = batch
+
+    def run_once(self) -> Progress:
+        with self.store.write() as conn:
+            rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
+                               where=[work.c.stage == self.stage.value,
+                                      work.c.role.in_([r.value for r in self.roles])])
+        progress = Progress(worked=len(rows))
+        for row in rows:
+            try:
+                self._handle(self._read(row), progress)
+            except LeaseLost:
+                log.warning("lease lost on commands work row %s; another worker has it", row.id)
+            except Exception as exc:  # one bad row must not stop the others
+                log.exception("command work row %s failed", row.id)
+                with self.store.write() as conn:
+                    queue.fail(conn, work, row.id, self.claimer, now=self.clock.now(),
+                               error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
+        return progress
+
+    def _read(self, row: Row[tuple[object, ...]]) -> Reply:
+        with self.store.read() as conn:
+            msg = conn.execute(sa.select(messages.c.raw, messages.c.mail_from)
+                               .where(messages.c.id == row.message_id)).one()
+            lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
+            token = tokens.find(conn, row.detail) if row.detail else None
+        return Reply(row.id, row.message_id, msg.raw, message_facts(msg.raw),
+                     Envelope(msg.mail_from, row.address), lst, token)
+
+    def _handle(self, r: Reply, progress: Progress) -> None:
+        lst = r.mailing_list
+        auto = why_not_notify(r.facts, r.envelope)
+        if lst is None:
+            self._finish(r, None, "ignored", "the list was deleted")
+        elif r.token is None or r.token.list_id != lst.id:
+            # An unknown token, or another list's: a forger learns nothing, not even that.
+            self._finish(r, lst, "confirm-refused", "no such token for this list")
+        elif auto and "robot" not in auto and "empty return path" not in auto:
+            # An auto-reply (vacation, list mail) to a notice: never an instruction.
+            self._finish(r, lst, "confirm-ignored", f"not a person's reply: {auto}")
+        elif r.token.kind is tokens.Kind.HOLD:
+            self._moderator(r, lst, r.token, progress)
+        elif r.token.kind is tokens.Kind.WITHDRAW:
+            self._poster(r, lst, r.token, progress)
+        else:
+            self._finish(r, lst, "confirm-refused", f"a {r.token.kind.value} token: "
+                                                    "subscriptions are not handled here yet")
+
+    # -- moderators ------------------------------------------------------------------
+
+    def _moderator(self, r: Reply, lst: MailingList, token: tokens.Token,
+                   progress: Progress) -> None:
+        sender = r.facts.author or ""
+        with self.store.read() as conn:
+            is_moderator = bool(sender) and lists.has_role(conn, lst.id, sender,
+                                                           RoleName.MODERATOR, RoleName.OWNER)
+        if not is_moderator:
+            self._finish(r, lst, "confirm-refused",
+                         f"{sender or 'a sender with no From'} is not a moderator of "
+                         f"{lst.address}")
+            return
+        if not same_sender(sender, r.envelope.mail_from):
+            self._finish(r, lst, "confirm-refused",
+                         f"From {sender} but envelope sender <{r.envelope.mail_from}>",
+                         reply=("envelope", {"sender": sender,
+                                             "envelope": r.envelope.mail_from or "<>"}))
+            return
+        release = self.policies.for_list(lst.address).release
+        auth = authentication.verify(r.raw, self.resolver, use=release.authentication,
+                                     trusted_authserv_ids=self.trusted_authserv_ids)
+        if not auth.authenticated:
+            why = ", ".join(f"dkim={res} d={d}" for d, res in auth.dkim) or "no DKIM signature"
+            if auth.trusted:
+                why += f"; trusted front MTA said {auth.trusted}"
+            self._finish(r, lst, "confirm-refused", f"reply from {sender} not authenticated "
+                                                    f"({release.authentication}): {why}",
+                         reply=("unauthenticated", {"sender": sender, "why": why}))
+            return
+        command = find_command(r.raw, holds.MODERATOR_VERBS)
+        if command is None:
+            self._finish(r, lst, "confirm-help", f"no command in the reply from {sender}",
+                         reply=("help", {}))
+            return
+        now = self.clock.now()
+        with self.store.write() as conn:
+            self._complete(conn, r)
+            record = holds.get(conn, token.held_id) if token.held_id else None
+            if record is None:
+                self._record(conn, r, lst, "confirm-refused", "the held post is gone")
+                return
+            if record.state is not HeldState.HELD or token.used_at is not None:
+                self._reply(conn, r, lst, sender, "already", {"held": record})
+                self._record(conn, r, lst, "confirm-late",
+                             f"{sender}: held #{record.id} was already "
+                             f"{record.describe_decision()}")
+                return
+            if not tokens.consume(conn, token, by=sender, now=now):
+                fresh = holds.get(conn, record.id) or record
+                outcome = "already" if fresh.state is not HeldState.HELD else "expired"
+                self._reply(conn, r, lst, sender, outcome, {"held": fresh})
+                self._record(conn, r, lst, "confirm-late", f"{sender}: token already used "
+                                                           "or expired")
+                return
+            verb = holds.Verb(command.verb)
+            decided = holds.decide(conn, record, verb, actor=sender, note=command.argument,
+                                   now=now, lst=lst, templates=self.templates,
+                                   expiry_action=release.expiry_action)
+            if decided is None:
+                fresh = holds.get(conn, record.id) or record
+                self._reply(conn, r, lst, sender, "already", {"held": fresh})
+                return
+            self._reply(conn, r, lst, sender, "done", {"held": decided,
+                                                       "note": command.argument})
+            self._record(conn, r, lst, "confirmed", f"{sender}: {verb.value} held #{record.id}")
+        progress.wake.update({Stage.FANOUT, Stage.DELIVERY})
+
+    # -- posters ----------------------------------------------------------------------
+
+    def _poster(self, r: Reply, lst: MailingList, token: tokens.Token,
+                progress: Progress) -> None:
+        sender = r.facts.author or ""
+        if sender != token.address or not same_sender(sender, r.envelope.mail_from):
+            self._finish(r, lst, "confirm-refused",
+                         f"{sender or 'no From'} is not the poster this token was sent to")
+            return
+        auth = authentication.verify(r.raw, self.resolver,
+                                     trusted_authserv_ids=self.trusted_authserv_ids)
+        if auth.dmarc == "fail":
+            self._finish(r, lst, "confirm-refused", f"reply from {sender} fails DMARC")
+            return
+        now = self.clock.now()
+        command = find_command(r.raw, frozenset({holds.Verb.WITHDRAW.value}))
+        with self.store.write() as conn:
+            self._complete(conn, r)
+            record = holds.get(conn, token.held_id) if token.held_id else None
+            if record is None:
+                self._record(conn, r, lst, "confirm-refused", "the held post is gone")
+                return
+            if command is None:
+                self._poster_reply(conn, r, lst, record, "help")
+                self._record(conn, r, lst, "confirm-help", f"no command from poster {sender}")
+                return
+            if record.state is not HeldState.HELD or not tokens.consume(conn, token, by=sender,
+                                                                          now=now):
+                self._poster_reply(conn, r, lst, holds.get(conn, record.id) or record, "already")
+                return
+            holds.decide(conn, record, holds.Verb.WITHDRAW, actor=sender, note="", now=now,
+                         lst=lst, templates=self.templates)
+            self._record(conn, r, lst, "confirmed", f"{sender} withdrew held #{record.id}")
+        progress.wake.add(Stage.DELIVERY)
+
+    # -- the plumbing ------------------------------------------------------------------
+
+    def _complete(self, conn: Connection, r: Reply) -> None:
+        if not queue.complete(conn, work, r.work_id, self.claimer):
+            raise LeaseLost(f"work row {r.work_id}")
+
+    def _record(self, conn: Connection, r: Reply, lst: MailingList | None, event: str,
+                detail: str) -> None:
+        journal.record(conn, now=self.clock.now(), stage=self.stage, event=event,
+                       message_id=r.message_id, list_id=lst.id if lst else None,
+                       detail=detail, log_message_id=r.facts.message_id)
+
+    def _finish(self, r: Reply, lst: MailingList | None, event: str, detail: str, *,
+                reply: tuple[str, dict[str, object]] | None = None) -> None:
+        with self.store.write() as conn:
+            self._complete(conn, r)
+            self._record(conn, r, lst, event, detail)
+            if reply is not None and lst is not None and r.facts.author:
+                self._reply(conn, r, lst, r.facts.author, reply[0], reply[1])
+
+    def _reply(self, conn: Connection, r: Reply, lst: MailingList, to: str, outcome: str,
+               context: dict[str, object]) -> None:
+        """Answer a moderator (only ever a moderator's own address)."""
+        text = self.templates.render(
+            "notices/moderator-reply.txt.j2", list_address=lst.address,
+            mailing_list=lst.identity, outcome=outcome,
+            owner_address=lst.identity.address("owner"),
+            **{"held": None, "note": "", "sender": to, "why": "", "envelope": "", **context})
+        queue_notice(conn, Notice(to=to, subject=f"Re: {r.facts.subject or 'moderation'}",
+                                  text=text, in_reply_to=r.facts.message_id),
+                     lst.identity, list_id=lst.id, message_id=r.message_id,
+                     now=self.clock.now())
+
+    def _poster_reply(self, conn: Connection, r: Reply, lst: MailingList, record: holds.Held,
+                      outcome: str) -> None:
+        if why_not_notify(r.facts, r.envelope):
+            return
+        text = self.templates.render("notices/poster-reply.txt.j2", list_address=lst.address,
+                                     mailing_list=lst.identity, outcome=outcome,
+                                     subject=record.subject, state=record.state.value)
+        queue_notice(conn, Notice(to=r.envelope.mail_from,
+                                  subject=f"Re: {r.facts.subject or 'your held post'}",
+                                  text=text, in_reply_to=r.facts.message_id),
+                     lst.identity, list_id=lst.id, message_id=r.message_id,
+                     now=self.clock.now())
