@@ -386,7 +386,8 @@ def members_ls(obj: Context, list_address: str, mode: str | None) -> None:
         lst = lists.get(conn, list_address)
         for member in lists.iter_members(conn, lst, mode=Mode(mode) if mode else None):
             state = "" if member.enabled else " (disabled)"
-            out.print(f"{member.address}\t{member.mode.value}{state}\t{member.display_name}")
+            # click.echo, not rich: tab-separated lines are for scripts to split.
+            click.echo(f"{member.address}\t{member.mode.value}{state}\t{member.display_name}")
 
 
 @members.command("import")
@@ -515,7 +516,7 @@ def roles_ls(obj: Context, list_address: str) -> None:
         lst = lists.get(conn, list_address)
         for role in RoleName:
             for address in lists.role_holders(conn, lst.id, role):
-                out.print(f"{address}\t{role.value}")
+                click.echo(f"{address}\t{role.value}")
 
 
 # -- routes ------------------------------------------------------------------------------

@@ -91,9 +91,10 @@ def prefixed_subject(subject: str, prefix: str) -> str:
         return subject or "(no subject)"
     stripped = subject.replace(prefix.strip(), "")
     stripped = re.sub(r"\s+", " ", stripped).strip()
-    # "Re: [p] Re: x" becomes "[p] Re: x": one reply marker is enough.
-    stripped = re.sub(r"^((?:re|aw|sv|fwd?)\s*:\s*)+", lambda m: m.group(1).split(":")[0] + ": ",
-                      stripped, flags=re.IGNORECASE)
+    # "Re: [p] Re: x" becomes "[p] Re: x": a run of reply markers becomes one;
+    # a forward marker stays where it is ("Re: Fwd: x").
+    stripped = re.sub(r"^(re)\s*:\s*(?:re\s*:\s*)*", r"\1: ", stripped,
+                      flags=re.IGNORECASE).strip()
     return f"{prefix.strip()} {stripped or '(no subject)'}"
 
 

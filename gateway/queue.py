@@ -73,7 +73,7 @@ def recover_dead_leases(conn: Connection, table: sa.Table, *, now: float) -> int
     result = conn.execute(
         sa.update(table)
         .where(table.c.state == State.CLAIMED.value, table.c.lease_owner.in_(dead))
-        .values(lease_until=now)
+        .values(lease_until=0.0)  # long expired: claimable at once, whatever the clock says
     )
     return result.rowcount
 

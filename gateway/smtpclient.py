@@ -62,15 +62,15 @@ class Settings:
 
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6, not counting CRLF
-_LONG_LINE = re.compile(rb"[^\r\n]{%d}" % (MAX_LINE + 1))
 
 
 def dot_stuff(data: bytes) -> bytes:
     """The DATA payload: CRLF line endings, no line over 998 octets, leading dots
-    doubled, ending in CRLF.CRLF."""
+    doubled, ending in CRLF.CRLF. Linear in the size of the message."""
     data = re.sub(rb"\r?\n", b"\r\n", data)
-    if _LONG_LINE.search(data):
-        data = b"\r\n".join(_break(line) for line in data.split(b"\r\n"))
+    lines = data.split(b"\r\n")
+    if any(len(line) > MAX_LINE for line in lines):
+        data = b"\r\n".join(_break(line) for line in lines)
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     if data.startswith(b"."):
@@ -84,10 +84,7 @@ def _break(line: bytes) -> bytes:
     if len(line) <= MAX_LINE:
         return line
     pieces = [line[:MAX_LINE]]
-    rest = line[MAX_LINE:]
-    while rest:
-        pieces.append(b" " + rest[:MAX_LINE - 1])
-        rest = rest[MAX_LINE - 1:]
+    pieces += [b" " + line[i:i + MAX_LINE - 1] for i in range(MAX_LINE, len(line), MAX_LINE - 1)]
     return b"\r\n".join(pieces)
 
 
@@ -193,11 +190,11 @@ class SMTPClient:
         refusals are in the outcome."""
         if not self.connected:
             await self.connect()
-        payload = dot_stuff(data)
         limit = self.size_limit
         if limit is not None and len(data) > limit:
             raise PermanentDeliveryError(552, f"message of {len(data)} bytes exceeds the "
                                               f"smarthost's SIZE limit of {limit}")
+        payload = dot_stuff(data)
         params = []
         if "SIZE" in self.extensions:
             params.append(f"SIZE={len(data)}")

@@ -1,0 +1,481 @@
+"""The store, its schema and migrations, and the queue's claim/lease/park protocol.
+
+Every test runs on SQLite and on PostgreSQL (the ``store`` fixture). Time comes
+from a ManualClock: the queue takes ``now`` as an argument, never reads a clock.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext
+
+from gateway import queue
+from gateway.clock import ManualClock
+from gateway.errors import SchemaOutdated, StoreError
+from gateway.queue import Claimer
+from gateway.schema import QUEUE_TABLES, State, contents, lists, metadata, outbound, work
+from gateway.store import Store, normalise_url
+from tests.helpers_unit import add_rows
+from tests.support import REPO
+
+LEASE = 30.0
+MAX_ATTEMPTS = 3
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def claimer(name: str = "worker-a") -> Claimer:
+    # Names that are not host:pid:start, so recover_dead_leases never touches them.
+    return Claimer(owner=name, lease=LEASE, max_attempts=MAX_ATTEMPTS)
+
+
+def row(store: Store, table: sa.Table, row_id: int) -> sa.Row[tuple[object, ...]] | None:
+    with store.read() as conn:
+        return conn.execute(sa.select(table).where(table.c.id == row_id)).first()
+
+
+def claim(store: Store, table: sa.Table, who: Claimer, now: float,
+          limit: int = 100) -> list[int]:
+    with store.write() as conn:
+        return [r.id for r in queue.claim(conn, table, who, now=now, limit=limit)]
+
+
+def add(store: Store, table: sa.Table, count: int, *, due_at: float) -> list[int]:
+    with store.write() as conn:
+        return sorted(add_rows(conn, table, count, due_at=due_at))
+
+
+# -- schema ---------------------------------------------------------------------------
+
+def test_store_migration_builds_exactly_the_schema(store: Store) -> None:
+    with store.engine.connect() as conn:
+        context = MigrationContext.configure(conn, opts={"compare_type": True,
+                                                         "compare_server_default": True})
+        diff = compare_metadata(context, metadata)
+    assert diff == []
+    with store.read() as conn:
+        names = set(sa.inspect(conn).get_table_names())
+    assert set(metadata.tables) <= names
+
+
+def test_store_upgrade_is_idempotent(store: Store) -> None:
+    current, head = store.revisions()
+    assert current == head
+    store.upgrade()
+    assert store.revisions() == (head, head)
+    store.check_schema()
+
+
+def test_store_check_schema_on_an_empty_database_says_what_to_run(store_url: str) -> None:
+    empty = Store(store_url, clock=ManualClock())
+    try:
+        current, head = empty.revisions()
+        assert current is None and head
+        with pytest.raises(SchemaOutdated) as info:
+            empty.check_schema()
+        message = str(info.value)
+        assert "listgate db upgrade" in message
+        assert "none (empty)" in message
+        assert head in message
+        empty.upgrade()
+        empty.check_schema()
+    finally:
+        empty.dispose()
+
+
+def test_store_ids_are_never_reused(store: Store, clock: ManualClock) -> None:
+    """A deleted row's id must not name a new row (cached contents, queue ids in logs)."""
+    with store.write() as conn:
+        first = conn.execute(contents.insert().values(created_at=clock.now(), data=b"old")
+                             .returning(contents.c.id)).scalar_one()
+        conn.execute(sa.delete(contents).where(contents.c.id == first))
+    with store.write() as conn:
+        second = conn.execute(contents.insert().values(created_at=clock.now(), data=b"new")
+                              .returning(contents.c.id)).scalar_one()
+    assert second > first
+
+
+def test_store_write_rolls_back_on_error(store: Store, clock: ManualClock) -> None:
+    with pytest.raises(RuntimeError), store.write() as conn:
+        add_rows(conn, work, 3, due_at=clock.now())
+        raise RuntimeError("half way")
+    with store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(work)).scalar_one() == 0
+
+
+def test_store_database_errors_become_store_errors(store: Store, clock: ManualClock) -> None:
+    values = dict(name="x", domain="example.org", display_name="X", description="",
+                  subject_prefix="", archive_url=None, created_at=clock.now())
+    with store.write() as conn:
+        conn.execute(lists.insert().values(**values))
+    with pytest.raises(StoreError), store.write() as conn:
+        conn.execute(lists.insert().values(**values))
+
+
+def test_store_refuses_in_memory_sqlite() -> None:
+    with pytest.raises(StoreError, match="in-memory"):
+        Store("sqlite:///:memory:", clock=ManualClock())
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("postgresql://u@h/db", "postgresql+psycopg://u@h/db"),
+    ("postgres://u@h/db", "postgresql+psycopg://u@h/db"),
+    ("postgresql+psycopg2://u@h/db", "postgresql+psycopg://u@h/db"),
+    ("postgresql+psycopg://u@h/db", "postgresql+psycopg://u@h/db"),
+    ("sqlite:////var/lib/x.db", "sqlite:////var/lib/x.db"),
+])
+def test_store_normalise_url(url: str, expected: str) -> None:
+    assert normalise_url(url) == expected
+
+
+# -- claim -------------------------------------------------------------------------
+
+def test_store_claim_takes_due_rows_oldest_first(store: Store, clock: ManualClock) -> None:
+    table = work
+    t0 = clock.now()
+    [late] = add(store, table, 1, due_at=t0 - 1)
+    [oldest] = add(store, table, 1, due_at=t0 - 10)
+    [middle] = add(store, table, 1, due_at=t0 - 5)
+    [future] = add(store, table, 1, due_at=t0 + 60)
+    a = claimer()
+    assert claim(store, table, a, t0, limit=2) == sorted([oldest, middle])
+    assert claim(store, table, a, t0, limit=10) == [late]
+    assert claim(store, table, a, t0, limit=10) == []
+    with store.write() as conn:
+        for rid in (oldest, middle, late):
+            assert queue.complete(conn, table, rid, a)
+    clock.advance(59)
+    assert claim(store, table, a, clock.now()) == []
+    clock.advance(1)
+    assert claim(store, table, a, clock.now()) == [future]
+
+
+def test_store_claim_marks_rows_as_ours(store: Store, clock: ManualClock) -> None:
+    ids = add(store, work, 2, due_at=clock.now())
+    with store.write() as conn:
+        rows = queue.claim(conn, work, claimer(), now=clock.now(), limit=5)
+    assert [r.id for r in rows] == ids
+    for r in rows:
+        assert r.state == State.CLAIMED.value
+        assert r.lease_owner == "worker-a"
+        assert r.lease_until == clock.now() + LEASE
+        assert r.attempts == 1
+    stored = row(store, work, ids[0])
+    assert stored is not None and stored.state == State.CLAIMED.value
+
+
+def test_store_claim_respects_extra_conditions(store: Store, clock: ManualClock) -> None:
+    now = clock.now()
+    with store.write() as conn:
+        mod = add_rows(conn, work, 2, due_at=now, stage="moderation")
+        fan = add_rows(conn, work, 2, due_at=now, stage="fanout")
+        got = queue.claim(conn, work, claimer(), now=now, limit=10,
+                          where=[work.c.stage == "fanout"])
+    assert sorted(r.id for r in got) == sorted(fan)
+    assert claim(store, work, claimer(), now) == sorted(mod)
+
+
+def test_store_parallel_claimers_never_share_a_row(store: Store, clock: ManualClock) -> None:
+    total, threads, batch = 500, 4, 7
+    table = outbound
+    all_ids = set(add(store, table, total, due_at=clock.now()))
+    now = clock.now()
+    start = threading.Barrier(threads)
+    # On PostgreSQL the first claims overlap for sure: every thread holds its claim
+    # transaction open until all have claimed (SKIP LOCKED keeps them apart). SQLite
+    # serialises writers, so there the threads only race.
+    overlap = threading.Barrier(threads) if not store.is_sqlite else None
+    got: list[list[int]] = [[] for _ in range(threads)]
+    errors: list[BaseException] = []
+
+    def work_loop(i: int) -> None:
+        me = claimer(f"worker-{i}")
+        try:
+            start.wait(10)
+            first = True
+            while True:
+                with store.write() as conn:
+                    ids = [r.id for r in queue.claim(conn, table, me, now=now, limit=batch)]
+                    if first and overlap is not None:
+                        overlap.wait(30)
+                first = False
+                if not ids:
+                    return
+                assert len(ids) <= batch
+                got[i].extend(ids)
+        except BaseException as exc:  # reported below, on the test's thread
+            errors.append(exc)
+
+    workers = [threading.Thread(target=work_loop, args=(i,)) for i in range(threads)]
+    for t in workers:
+        t.start()
+    for t in workers:
+        t.join(60)
+    assert not errors, errors
+    claimed = [i for ids in got for i in ids]
+    assert len(claimed) == len(set(claimed)), "a row was claimed twice"
+    assert set(claimed) == all_ids
+    if overlap is not None:
+        assert all(ids for ids in got), [len(ids) for ids in got]
+    with store.read() as conn:
+        owners = dict(conn.execute(sa.select(table.c.id, table.c.lease_owner)).all())
+    for i, ids in enumerate(got):
+        assert all(owners[r] == f"worker-{i}" for r in ids)
+
+
+# -- leases ---------------------------------------------------------------------------
+
+def test_store_expired_lease_makes_the_row_claimable_again(store: Store,
+                                                           clock: ManualClock) -> None:
+    [rid] = add(store, work, 1, due_at=clock.now())
+    a, b = claimer("worker-a"), claimer("worker-b")
+    assert claim(store, work, a, clock.now()) == [rid]
+    clock.advance(LEASE - 1)
+    assert claim(store, work, b, clock.now()) == []
+    clock.advance(2)
+    assert claim(store, work, b, clock.now()) == [rid]
+    r = row(store, work, rid)
+    assert r is not None
+    assert (r.lease_owner, r.attempts, r.state) == ("worker-b", 2, State.CLAIMED.value)
+
+
+def test_store_a_lost_lease_cannot_finish_the_row(store: Store, clock: ManualClock) -> None:
+    [rid] = add(store, outbound, 1, due_at=clock.now())
+    a, b = claimer("worker-a"), claimer("worker-b")
+    claim(store, outbound, a, clock.now())
+    clock.advance(LEASE + 1)
+    claim(store, outbound, b, clock.now())
+    now = clock.now()
+    with store.write() as conn:
+        assert queue.complete(conn, outbound, rid, a) is False
+        assert queue.release(conn, outbound, rid, a, now=now, due_at=now) is False
+        assert queue.renew(conn, outbound, [rid], a, now=now) == 0
+        assert queue.fail(conn, outbound, rid, a, now=now, error="late",
+                          retry_delay=1) is State.CLAIMED
+    r = row(store, outbound, rid)
+    assert r is not None
+    assert (r.state, r.lease_owner, r.last_error) == (State.CLAIMED.value, "worker-b", None)
+    with store.write() as conn:
+        assert queue.complete(conn, outbound, rid, b) is True
+    assert row(store, outbound, rid) is None
+
+
+def test_store_renew_extends_only_our_leases(store: Store, clock: ManualClock) -> None:
+    ours = add(store, work, 2, due_at=clock.now())
+    [theirs] = add(store, work, 1, due_at=clock.now() + 1)
+    a, b = claimer("worker-a"), claimer("worker-b")
+    claim(store, work, a, clock.now())
+    clock.advance(1)
+    claim(store, work, b, clock.now())
+    clock.advance(LEASE - 5)
+    with store.write() as conn:
+        assert queue.renew(conn, work, [*ours, theirs], a, now=clock.now()) == 2
+        assert queue.renew(conn, work, [], a, now=clock.now()) == 0
+    clock.advance(10)  # past the first lease, inside the renewed one
+    assert claim(store, work, claimer("worker-c"), clock.now()) == [theirs]
+
+
+def test_store_lease_that_keeps_expiring_is_parked_at_the_next_claim(
+        store: Store, clock: ManualClock) -> None:
+    [rid] = add(store, work, 1, due_at=clock.now())
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        assert claim(store, work, claimer(f"dies-{attempt}"), clock.now()) == [rid]
+        clock.advance(LEASE + 1)
+    assert claim(store, work, claimer("survivor"), clock.now()) == []
+    r = row(store, work, rid)
+    assert r is not None
+    assert r.state == State.PARKED.value
+    assert r.lease_owner is None and r.lease_until is None
+    assert f"its lease expired {MAX_ATTEMPTS} times" in (r.last_error or "")
+    clock.advance(86400)
+    assert claim(store, work, claimer("survivor"), clock.now()) == []
+
+
+# -- fail, complete, release, park, retry ------------------------------------------------------
+
+def test_store_fail_backs_off_then_parks_keeping_the_error(store: Store,
+                                                           clock: ManualClock) -> None:
+    [rid] = add(store, outbound, 1, due_at=clock.now())
+    a = claimer()
+    delay = 10.0
+    dues = []
+    for attempt in range(1, MAX_ATTEMPTS):
+        assert claim(store, outbound, a, clock.now()) == [rid]
+        with store.write() as conn:
+            state = queue.fail(conn, outbound, rid, a, now=clock.now(),
+                               error=f"boom {attempt}", retry_delay=delay)
+        assert state is State.READY
+        r = row(store, outbound, rid)
+        assert r is not None
+        assert r.state == State.READY.value and r.lease_owner is None
+        assert r.last_error == f"boom {attempt}"
+        backoff = r.due_at - clock.now()
+        assert backoff == delay * 2 ** (attempt - 1)
+        dues.append(backoff)
+        clock.advance(backoff - 1)
+        assert claim(store, outbound, a, clock.now()) == []  # not due yet
+        clock.advance(1)
+    assert dues == sorted(dues) and dues[0] < dues[-1]
+    assert claim(store, outbound, a, clock.now()) == [rid]
+    with store.write() as conn:
+        state = queue.fail(conn, outbound, rid, a, now=clock.now(),
+                           error="the last straw", retry_delay=delay)
+    assert state is State.PARKED
+    r = row(store, outbound, rid)
+    assert r is not None
+    assert r.state == State.PARKED.value
+    assert r.attempts == MAX_ATTEMPTS
+    assert "the last straw" in (r.last_error or "")
+    assert f"parked after {MAX_ATTEMPTS} failed attempts" in (r.last_error or "")
+    clock.advance(86400)
+    assert claim(store, outbound, a, clock.now()) == []
+
+
+def test_store_fail_keeps_long_errors_bounded(store: Store, clock: ManualClock) -> None:
+    [rid] = add(store, work, 1, due_at=clock.now())
+    a = claimer()
+    claim(store, work, a, clock.now())
+    with store.write() as conn:
+        queue.fail(conn, work, rid, a, now=clock.now(), error="x" * 10_000, retry_delay=1)
+    r = row(store, work, rid)
+    assert r is not None and len(r.last_error or "") == 4000
+
+
+def test_store_complete_deletes_the_row(store: Store, clock: ManualClock) -> None:
+    ids = add(store, work, 2, due_at=clock.now())
+    a = claimer()
+    claim(store, work, a, clock.now())
+    with store.write() as conn:
+        assert queue.complete(conn, work, ids[0], a) is True
+        assert queue.complete(conn, work, ids[0], a) is False
+    assert row(store, work, ids[0]) is None
+    assert row(store, work, ids[1]) is not None
+
+
+def test_store_release_hands_the_row_back_without_counting_a_failure(
+        store: Store, clock: ManualClock) -> None:
+    [rid] = add(store, outbound, 1, due_at=clock.now())
+    a = claimer()
+    claim(store, outbound, a, clock.now())
+    later = clock.now() + 120
+    with store.write() as conn:
+        assert queue.release(conn, outbound, rid, a, now=clock.now(), due_at=later,
+                             note="2 recipients deferred", tries=1,
+                             recipients="bob@example.net", rcpt_count=1) is True
+    r = row(store, outbound, rid)
+    assert r is not None
+    assert (r.state, r.attempts, r.due_at, r.lease_owner) == (State.READY.value, 0, later, None)
+    assert (r.last_error, r.tries, r.recipients, r.rcpt_count) == (
+        "2 recipients deferred", 1, "bob@example.net", 1)
+    assert claim(store, outbound, a, clock.now()) == []
+    clock.advance(120)
+    assert claim(store, outbound, a, clock.now()) == [rid]
+
+
+def test_store_park_by_hand(store: Store, clock: ManualClock) -> None:
+    [rid] = add(store, work, 1, due_at=clock.now())
+    with store.write() as conn:
+        assert queue.park(conn, work, rid, now=clock.now(), why="poison") is True
+        assert queue.park(conn, work, 999_999, now=clock.now(), why="x") is False
+    r = row(store, work, rid)
+    assert r is not None and (r.state, r.last_error) == (State.PARKED.value, "poison")
+    assert claim(store, work, claimer(), clock.now() + 86400) == []
+
+
+def test_store_retry_unparks_with_a_fresh_attempt_count(store: Store,
+                                                        clock: ManualClock) -> None:
+    [rid] = add(store, work, 1, due_at=clock.now())
+    a = claimer()
+    for _ in range(MAX_ATTEMPTS):
+        claim(store, work, a, clock.now())
+        with store.write() as conn:
+            queue.fail(conn, work, rid, a, now=clock.now(), error="bad", retry_delay=0)
+    r = row(store, work, rid)
+    assert r is not None and r.state == State.PARKED.value
+    clock.advance(5)
+    with store.write() as conn:
+        assert queue.retry(conn, work, rid, now=clock.now()) is True
+        assert queue.retry(conn, work, 999_999, now=clock.now()) is False
+    r = row(store, work, rid)
+    assert r is not None
+    assert (r.state, r.attempts, r.due_at) == (State.READY.value, 0, clock.now())
+    assert r.last_error == "bad [parked after 3 failed attempts]"  # kept for the record
+    assert claim(store, work, a, clock.now()) == [rid]
+    with store.write() as conn:
+        assert queue.retry(conn, work, rid, now=clock.now()) is False  # in flight
+
+
+def test_store_retry_makes_a_waiting_row_due_now(store: Store, clock: ManualClock) -> None:
+    [rid] = add(store, outbound, 1, due_at=clock.now() + 3600)
+    with store.write() as conn:
+        assert queue.retry(conn, outbound, rid, now=clock.now()) is True
+    assert claim(store, outbound, claimer(), clock.now()) == [rid]
+
+
+# -- crashed workers -------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def dead_identity() -> Iterator[str]:
+    """The worker identity of a process of this host that has exited."""
+    proc = subprocess.run(
+        [sys.executable, "-c", "from gateway.queue import worker_identity; "
+                               "print(worker_identity())"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, check=True)
+    identity = proc.stdout.strip()
+    host, pid, start = identity.split(":")
+    assert host == socket.gethostname() and int(pid) != os.getpid() and start != "0"
+    yield identity
+
+
+def test_store_recover_dead_leases_frees_a_dead_processs_rows(
+        store: Store, clock: ManualClock, dead_identity: str) -> None:
+    for table in QUEUE_TABLES.values():
+        recover_in(store, clock, dead_identity, table)
+
+
+def recover_in(store: Store, clock: ManualClock, dead_identity: str, table: sa.Table) -> None:
+    host = socket.gethostname()
+    owners = {
+        "dead": dead_identity,
+        "alive": queue.worker_identity(),  # this very process
+        "other-host": f"not-{host}:1:12345",
+        "pid-reused": f"{host}:{os.getpid()}:1",  # our pid, another process's start time
+        "opaque": "worker-a",
+    }
+    ids = {}
+    for what, owner in owners.items():
+        [ids[what]] = add(store, table, 1, due_at=clock.now())
+        claim(store, table, Claimer(owner, LEASE, MAX_ATTEMPTS), clock.now())
+    now = clock.now()
+    with store.write() as conn:
+        freed = queue.recover_dead_leases(conn, table, now=now)
+    assert freed == 2
+    clock.advance(0.001)
+    taken = claim(store, table, claimer("recoverer"), clock.now())
+    assert sorted(taken) == sorted([ids["dead"], ids["pid-reused"]])
+    for what in ("alive", "other-host", "opaque"):
+        r = row(store, table, ids[what])
+        assert r is not None
+        assert (r.state, r.lease_owner) == (State.CLAIMED.value, owners[what]), what
+        assert r.lease_until == now + LEASE
+    with store.write() as conn:
+        assert queue.recover_dead_leases(conn, table, now=clock.now()) == 0
+
+
+def test_store_worker_identity_names_this_process() -> None:
+    host, pid, start = queue.worker_identity().split(":")
+    assert host == socket.gethostname()
+    assert int(pid) == os.getpid()
+    assert start.isdigit() and start != "0"
