@@ -1,4 +1,4 @@
-"""Measure gateway.bounces.parse_bounce on the shared corpus of real bounces.
+"""Measure gateway.dsn.parse_bounce on the shared corpus of real bounces.
 
     .venv/bin/python bench/bounce_eval.py [CORPUS_BOUNCES_DIR]
 
@@ -37,7 +37,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gateway.addresses import normalise  # noqa: E402
-from gateway.bounces import BounceReport, parse_bounce  # noqa: E402
+from gateway.dsn import BounceReport, parse_bounce  # noqa: E402
 from gateway.errors import AddressError  # noqa: E402
 
 DEFAULT_CORPUS = REPO.parent / "shared" / "corpus" / "bounces"

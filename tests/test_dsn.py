@@ -12,7 +12,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway import addresses
-from gateway.bounces import BounceReport, parse_bounce, verp_decode, verp_encode
+from gateway.dsn import BounceReport, parse_bounce, verp_decode, verp_encode
 from gateway.errors import AddressError
 from tests.helpers_unit import NO_CORPUS, corpus_files
 from tests.support import CORPUS
