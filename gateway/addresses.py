@@ -65,14 +65,25 @@ def check_list_name(name: str) -> str:
     return name
 
 
+# The stdlib's address parser recurses once per group or route it meets: a hostile
+# header can exhaust the stack. Values are cut to a length no real header needs.
+MAX_ADDRESS_HEADER = 16384
+_PARSER_FAILURES = (RecursionError, ValueError, IndexError)
+
+
 def header_addresses(values: list[str]) -> list[str]:
     """The normalised addresses in header values like From or Cc, skipping junk."""
     found = []
-    for _name, address in getaddresses(values):
+    for value in values:
         try:
-            found.append(normalise(address))
-        except AddressError:
+            pairs = getaddresses([value[:MAX_ADDRESS_HEADER]])
+        except _PARSER_FAILURES:
             continue
+        for _name, address in pairs:
+            try:
+                found.append(normalise(address))
+            except AddressError:
+                continue
     return found
 
 
@@ -80,8 +91,8 @@ def first_address(value: str | None) -> str | None:
     """The normalised first address of a header value, or None."""
     if not value:
         return None
-    _name, address = parseaddr(value)
     try:
+        _name, address = parseaddr(value[:MAX_ADDRESS_HEADER])
         return normalise(address)
-    except AddressError:
+    except (AddressError, *_PARSER_FAILURES):
         return None

@@ -66,7 +66,12 @@ log = logging.getLogger(__name__)
 
 AUTHENTICATION_RESULTS = "Authentication-Results"
 DKIM_SIGNATURE = "DKIM-Signature"
-ARC_FIELDS = ("ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results")
+ARC_SEAL = "ARC-Seal"
+ARC_MESSAGE_SIGNATURE = "ARC-Message-Signature"
+ARC_AUTHENTICATION_RESULTS = "ARC-Authentication-Results"
+ARC_FIELDS = (ARC_SEAL, ARC_MESSAGE_SIGNATURE, ARC_AUTHENTICATION_RESULTS)
+# RFC 8617 4.2.1: i= runs from 1 to 50.
+MAX_ARC_INSTANCE = 50
 
 # RFC 8301 3.2: keys under 1024 bits are not acceptable.
 MIN_KEY_BITS = 1024
@@ -692,7 +697,10 @@ class Signer:
     The DKIM-Signature field is assembled here (RFC 6376 3.5, 3.7) over dkimpy's parsing
     and canonicalisation, and signed with `cryptography` (RSA) and PyNaCl (ed25519):
     dkimpy's own RSA is pure Python, about ten times slower per signature, and every copy
-    that carries a member's own unsubscribe link needs a signature of its own.
+    that carries a member's own unsubscribe link needs a signature of its own. ARC sets
+    (arc_seal, sign_and_seal) are made the same way.
+
+    Loading the key checks it (about 0.1 s): make one Signer per key and reuse it.
     """
 
     def __init__(self, domain: str, selector: str, private_key: bytes, *,
@@ -700,7 +708,6 @@ class Signer:
         self.domain = _check_domain(domain)
         self.selector = _check_selector(selector)
         self._clock = clock or SystemClock()
-        self._rsa_pem = private_key  # for dkimpy's ARC sealing
         self._rsa = _rsa_key(private_key, f"{self.selector}._domainkey.{self.domain}")
         self.ed25519_selector: str | None = None
         self._ed25519: nacl.signing.SigningKey | None = None
@@ -717,22 +724,52 @@ class Signer:
         """The message (line endings made CRLF) with our DKIM-Signature field(s) prepended:
         rsa-sha256 on top, for verifiers that only check the first signature."""
         data = normalise_eol(data)
-        try:
-            fields, body = dkim.rfc822_parse(data)
-        except (dkim.DKIMException, IndexError) as exc:
-            raise SigningError(f"cannot DKIM-sign for {self.domain}: the header does not "
-                               f"parse ({exc})") from exc
+        fields, body = _parse(data, f"DKIM-sign for {self.domain}")
+        return b"".join(self._dkim_fields(fields, _body_hash(body), int(self._clock.now()))) + data
+
+    def _dkim_fields(self, fields: list[tuple[bytes, bytes]], body_hash: bytes,
+                     timestamp: int) -> list[bytes]:
         include = _include_headers([name.decode("ascii", "replace") for name, _ in fields])
         signed = _canonical_fields(fields, include)
-        body_hash = base64.b64encode(hashlib.sha256(
-            RelaxedCanonicalization.canonicalize_body(body)).digest())
-        timestamp = int(self._clock.now())
-        out = [self._field(b"rsa-sha256", self.selector, include, body_hash, timestamp,
-                           signed, self._sign_rsa)]
+        domain = self.domain.encode("ascii")
+        keys: list[tuple[bytes, str, Callable[[bytes], bytes]]] = [
+            (b"rsa-sha256", self.selector, self._sign_rsa)]
         if self._ed25519 is not None and self.ed25519_selector is not None:
-            out.append(self._field(b"ed25519-sha256", self.ed25519_selector, include,
-                                   body_hash, timestamp, signed, self._sign_ed25519))
-        return b"".join(out) + data
+            keys.append((b"ed25519-sha256", self.ed25519_selector, self._sign_ed25519))
+        return [_signed_field(DKIM_SIGNATURE, [
+            b"v=1", b"a=" + algorithm, b"c=relaxed/relaxed", b"d=" + domain, b"i=@" + domain,
+            b"q=dns/txt", b"s=" + selector.encode("ascii"), b"t=%d" % timestamp,
+            b"h=" + b":".join(include), b"bh=" + body_hash], signed, sign)
+            for algorithm, selector, sign in keys]
+
+    def _arc_set(self, fields: list[tuple[bytes, bytes]], body_hash: bytes, timestamp: int, *,
+                 instance: int, cv: str, results: bytes, sealed_before: bytes) -> bytes:
+        """Our ARC set (RFC 8617 4.1), ARC-Seal on top, for a message whose header is
+        `fields`; `sealed_before` is what the seal covers of the sets before ours.
+
+        Always rsa-sha256, even with an ed25519 key: RFC 8617 has one set per instance
+        (a second algorithm per instance was left to a draft never published, and
+        validators, dkimpy among them, fail an instance with two), and RSA is what every
+        ARC validator checks.
+        """
+        domain = self.domain.encode("ascii")
+        selector = self.selector.encode("ascii")
+        aar = (ARC_AUTHENTICATION_RESULTS.encode("ascii") + b": i=%d; " % instance
+               + results + CRLF)
+        # RFC 8617 4.1.2: the AMS covers the DKIM-Signature fields present (ours among
+        # them) and never Authentication-Results or ARC fields.
+        names = [name.decode("ascii", "replace") for name, _ in fields]
+        include = _include_headers(names) + [DKIM_SIGNATURE.lower().encode("ascii")] * sum(
+            1 for n in names if n.lower() == DKIM_SIGNATURE.lower())
+        ams = _signed_field(ARC_MESSAGE_SIGNATURE, [
+            b"i=%d" % instance, b"a=rsa-sha256", b"c=relaxed/relaxed", b"d=" + domain,
+            b"s=" + selector, b"t=%d" % timestamp, b"h=" + b":".join(include),
+            b"bh=" + body_hash], _canonical_fields(fields, include), self._sign_rsa)
+        seal = _signed_field(ARC_SEAL, [
+            b"i=%d" % instance, b"cv=" + cv.encode("ascii"), b"a=rsa-sha256", b"d=" + domain,
+            b"s=" + selector, b"t=%d" % timestamp],
+            sealed_before + _canonical_raw(aar) + _canonical_raw(ams), self._sign_rsa)
+        return seal + ams + aar
 
     def _sign_rsa(self, data: bytes) -> bytes:
         return self._rsa.sign(data, padding.PKCS1v15(), hashes.SHA256())
@@ -741,20 +778,6 @@ class Signer:
         # RFC 8463 3: ed25519-sha256 signs the SHA-256 digest of the hash input.
         assert self._ed25519 is not None
         return bytes(self._ed25519.sign(hashlib.sha256(data).digest()).signature)
-
-    def _field(self, algorithm: bytes, selector: str, include: list[bytes], body_hash: bytes,
-               timestamp: int, signed: bytes, sign: Callable[[bytes], bytes]) -> bytes:
-        domain = self.domain.encode("ascii")
-        tags = [b"v=1", b"a=" + algorithm, b"c=relaxed/relaxed", b"d=" + domain,
-                b"i=@" + domain, b"q=dns/txt", b"s=" + selector.encode("ascii"),
-                b"t=%d" % timestamp, b"h=" + b":".join(include), b"bh=" + body_hash]
-        value = _fold_tags(tags, len(DKIM_SIGNATURE) + 2) + b";" + CRLF + b"\tb="
-        # RFC 6376 3.7: the signature's own field, b= empty, canonicalised, no final CRLF.
-        [(name, canonical)] = RelaxedCanonicalization.canonicalize_headers(
-            [(DKIM_SIGNATURE.encode("ascii"), b" " + value)])
-        signature = base64.b64encode(sign(signed + name + b":" + canonical.rstrip(b"\r\n")))
-        folded = (CRLF + b"\t").join(signature[i:i + 72] for i in range(0, len(signature), 72))
-        return DKIM_SIGNATURE.encode("ascii") + b": " + value + folded + CRLF
 
     @classmethod
     def from_files(cls, domain: str, selector: str, key_path: Path | str, *,
@@ -769,6 +792,40 @@ class Signer:
         if ed25519_selector is not None and ed25519_key_path is not None:
             ed = (ed25519_selector, _read_key(Path(ed25519_key_path)))
         return cls(domain, selector, key, ed25519=ed, clock=clock)
+
+
+def _parse(data: bytes, what: str) -> tuple[list[tuple[bytes, bytes]], bytes]:
+    """dkimpy's split of a CRLF message into (name, value) fields and body."""
+    try:
+        fields, body = dkim.rfc822_parse(data)
+    except (dkim.DKIMException, IndexError) as exc:
+        raise SigningError(f"cannot {what}: the header does not parse ({exc})") from exc
+    return [(bytes(name), bytes(value)) for name, value in fields], bytes(body)
+
+
+def _body_hash(body: bytes) -> bytes:
+    """bh= of relaxed body canonicalisation and SHA-256, the same for DKIM and the AMS."""
+    return base64.b64encode(hashlib.sha256(
+        RelaxedCanonicalization.canonicalize_body(body)).digest())
+
+
+def _signed_field(name: str, tags: list[bytes], signed: bytes,
+                  sign: Callable[[bytes], bytes]) -> bytes:
+    """A DKIM-Signature, ARC-Message-Signature or ARC-Seal field: the tags, then b= on
+    lines of its own, signing `signed` followed by the field itself with b= empty."""
+    value = _fold_tags(tags, len(name) + 2) + b";" + CRLF + b"\tb="
+    # RFC 6376 3.7: the signature's own field, b= empty, canonicalised, no final CRLF.
+    own = _canonical_raw(name.encode("ascii") + b": " + value + CRLF).rstrip(b"\r\n")
+    signature = base64.b64encode(sign(signed + own))
+    folded = (CRLF + b"\t").join(signature[i:i + 72] for i in range(0, len(signature), 72))
+    return name.encode("ascii") + b": " + value + folded + CRLF
+
+
+def _canonical_raw(field: bytes) -> bytes:
+    """One whole field ("Name: value" CRLF), relaxed-canonicalised."""
+    name, _colon, value = field.partition(b":")
+    [(cname, cvalue)] = RelaxedCanonicalization.canonicalize_headers([(name, value)])
+    return bytes(cname) + b":" + bytes(cvalue)
 
 
 def _canonical_fields(fields: list[tuple[bytes, bytes]], include: list[bytes]) -> bytes:
@@ -949,37 +1006,129 @@ def arc_seal(data: bytes, *, signer: Signer, authserv_id: str, results: AuthResu
     (rsa-sha256 with the signer's RSA key) on top, cv= from results.arc.
 
     Authentication-Results fields already claiming our authserv-id are removed first
-    (RFC 8601 5): dkimpy would otherwise copy a sender's forged claims into our seal.
+    (RFC 8601 5): a sender's forged claims in our name must not be sealed as ours.
+    Raises SigningError when results.arc does not fit the chain the message carries, and
+    for a chain an earlier hop already sealed as failed (RFC 8617 5.1.3: it cannot be
+    continued; sign_and_seal() then sends the copy DKIM-signed only).
     """
+    data, sets, timestamp = _prepare_seal(data, signer, authserv_id, results)
+    fields, body = _parse(data, f"ARC-seal for {signer.domain}")
+    return _seal(signer, data, fields, _body_hash(body), timestamp, authserv_id, results, sets)
+
+
+def sign_and_seal(data: bytes, *, signer: Signer,
+                  arc: tuple[str, AuthResults] | None) -> bytes:
+    """A list's outgoing copy, DKIM-signed and, with arc=(authserv-id, results), ARC-sealed.
+
+    The DKIM signature comes first and the ARC set on top of it: RFC 8617 5.1 wants every
+    change, "including adding a DKIM-Signature header field", made before sealing, and
+    4.1.2 has the AMS cover the DKIM-Signature fields present, so our seal vouches for
+    our signature too. A chain an earlier hop already sealed as failed gets no set of ours
+    (RFC 8617 5.1.3); the copy is then DKIM-signed only.
+    """
+    if arc is None:
+        return signer.sign(data)
+    authserv_id, results = arc
+    try:
+        prepared, sets, timestamp = _prepare_seal(data, signer, authserv_id, results)
+    except _ChainTerminated as exc:
+        log.info("not ARC-sealing: %s", exc)
+        return signer.sign(data)
+    fields, body = _parse(prepared, f"DKIM-sign for {signer.domain}")
+    body_hash = _body_hash(body)
+    signature = b"".join(signer._dkim_fields(fields, body_hash, timestamp))
+    signed = signature + prepared
+    signature_fields, _ = _parse(signature + CRLF, f"ARC-seal for {signer.domain}")
+    return _seal(signer, signed, signature_fields + fields, body_hash, timestamp,
+                 authserv_id, results, sets)
+
+
+class _ChainTerminated(SigningError):
+    """An earlier hop sealed the ARC chain with cv=fail: nobody may extend it."""
+
+
+def _prepare_seal(data: bytes, signer: Signer, authserv_id: str, results: AuthResults
+                  ) -> tuple[bytes, dict[int, list[tuple[str, bytes]]], int]:
+    """The message ready for sealing (forged Authentication-Results in our name removed,
+    ours on top), the ARC sets it carries, and the time to sign with. Checks that
+    results fit the message."""
     if not _is_token(authserv_id):
         raise ConfigError(f"authserv-id {authserv_id!r}: use a host name")
-    # dkimpy finds our field again by comparing authserv-ids exactly.
-    authserv_id = ours = authserv_id.lower()
+    ours = authserv_id.lower()
     parts = split(normalise_eol(data))
-    # Fields we cannot read go too: dkimpy's own parser might read them as ours.
+    # Fields we cannot read go too: another reader might read them as ours.
     parts.fields = [f for f in parts.fields
                     if not (f.name.lower() == AUTHENTICATION_RESULTS.lower()
                             and (_authserv_id(f.value) == ours
                                  or parse_authentication_results(f.value) is None))]
-    has_chain = any(f.name.lower() == "arc-seal" for f in parts.fields)
-    if has_chain and results.arc == "none":
+    if results.arc not in ("none", "pass", "fail"):
+        raise SigningError(f"results.arc is {results.arc!r}: expected none, pass or fail")
+    arc_names = {n.lower() for n in ARC_FIELDS}
+    if results.arc != "none" and not any(f.name.lower() in arc_names for f in parts.fields):
+        raise SigningError(f"results.arc is {results.arc!r} but the message has no ARC chain")
+    sets = _arc_sets([(f.name, f.raw) for f in parts.fields])
+    if sets and results.arc == "none":
         raise SigningError("the message has an ARC chain but results.arc is 'none': "
                            "verify it before sealing")
-    if not has_chain and results.arc != "none":
-        raise SigningError(f"results.arc is {results.arc!r} but the message has no ARC chain")
+    if any(_tag(raw.partition(b":")[2], "cv") == "fail" for fields in sets.values()
+           for name, raw in fields if name == ARC_SEAL.lower()):
+        raise _ChainTerminated("an earlier hop sealed this ARC chain with cv=fail, and a "
+                               "broken chain cannot be continued (RFC 8617 5.1.3)")
+    if max(sets, default=0) >= MAX_ARC_INSTANCE:
+        raise SigningError(f"the ARC chain already has i={max(sets)}: no room for "
+                           f"another set (at most {MAX_ARC_INSTANCE})")
+    if results.arc == "pass" and not _complete(sets):
+        raise SigningError("results.arc is 'pass' but the ARC chain is not complete "
+                           "(one set of three fields for each i= from 1)")
     ar_field = (f"{AUTHENTICATION_RESULTS}: "
-                f"{authentication_results_value(authserv_id, results)}").encode("ascii")
-    body = ar_field + CRLF + parts.to_bytes()
-    try:
-        arc_set: list[bytes] = dkim.arc_sign(
-            body, signer.selector.encode("ascii"), signer.domain.encode("ascii"),
-            signer._rsa_pem, authserv_id.encode("ascii"),
-            include_headers=_include_headers([f.name for f in parts.fields]),
-            logger=_dkimpy_logger())
-    except (dkim.DKIMException, IndexError) as exc:
-        raise SigningError(f"ARC sealing for {signer.domain} failed: {exc}") from exc
-    if not arc_set:
-        raise SigningError("dkimpy produced no ARC set")
-    return b"".join(arc_set) + body
+                f"{authentication_results_value(ours, results)}").encode("ascii")
+    return ar_field + CRLF + parts.to_bytes(), sets, int(signer._clock.now())
 
 
+def _seal(signer: Signer, data: bytes, fields: list[tuple[bytes, bytes]], body_hash: bytes,
+          timestamp: int, authserv_id: str, results: AuthResults,
+          sets: Mapping[int, list[tuple[str, bytes]]]) -> bytes:
+    """data, whose header is `fields` and whose ARC chain is `sets`, with our ARC set
+    on top."""
+    # RFC 8617 5.1.1: the seal covers every set before ours, by increasing instance, each
+    # in the order AAR, AMS, AS; after a failure only our own set (5.1.2), as no two
+    # validators could agree on what a broken chain's sets are.
+    before = b""
+    if results.arc == "pass":
+        order = {n.lower(): k for k, n in enumerate(reversed(ARC_FIELDS))}
+        before = b"".join(_canonical_raw(raw + CRLF) for i in sorted(sets)
+                          for _name, raw in sorted(sets[i], key=lambda f: order[f[0]]))
+    arc_set = signer._arc_set(
+        fields, body_hash, timestamp, instance=max(sets, default=0) + 1, cv=results.arc,
+        results=authentication_results_value(authserv_id.lower(), results).encode("ascii"),
+        sealed_before=before)
+    return arc_set + data
+
+
+_INSTANCE = re.compile(rb"(?:^|;)\s*i\s*=\s*(\d{1,9})\s*(?:;|$)")
+
+
+def _arc_sets(fields: Sequence[tuple[str, bytes]]) -> dict[int, list[tuple[str, bytes]]]:
+    """The ARC fields of a header by instance: {i: [(lowercase name, raw field)]}.
+
+    A field without a readable i= belongs to no set: where only such fields are
+    present, a failed chain is sealed as i=1, cv=fail, which every validator fails.
+    """
+    names = {n.lower() for n in ARC_FIELDS}
+    sets: dict[int, list[tuple[str, bytes]]] = {}
+    for name, raw in fields:
+        lname = name.lower()
+        if lname not in names:
+            continue
+        value = re.sub(rb"\r\n[ \t]", b" ", raw.partition(b":")[2])
+        m = _INSTANCE.search(value)
+        if m is not None:
+            sets.setdefault(int(m.group(1)), []).append((lname, raw))
+    return sets
+
+
+def _complete(sets: Mapping[int, list[tuple[str, bytes]]]) -> bool:
+    """Instances 1..N, each with exactly one field of each ARC name (RFC 8617 5.2)."""
+    wanted = sorted(n.lower() for n in ARC_FIELDS)
+    return (sorted(sets) == list(range(1, len(sets) + 1))
+            and all(sorted(name for name, _ in fields) == wanted for fields in sets.values()))

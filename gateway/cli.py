@@ -41,6 +41,7 @@ from gateway.schema import (
     outbound,
     work,
 )
+from gateway.signing import LinkSigner
 from gateway.store import Store
 from gateway.templates import Templates
 
@@ -146,6 +147,10 @@ def init(obj: Context, example: bool) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(EXAMPLE_CONFIG, encoding="utf-8")
         out.print(f"wrote {path}")
+    config = obj.config()
+    if not config.web.secret_file.exists():
+        LinkSigner.from_file(config.web.secret_file, create=True)
+        out.print(f"wrote the link signing key {config.web.secret_file} (mode 0600)")
     with obj.store(check=False) as store:
         store.upgrade()
         out.print(f"store ready: {store.engine.url.render_as_string(hide_password=True)}")
@@ -288,6 +293,12 @@ def lists_show(obj: Context, address: str) -> None:
         ("moderators", ", ".join(moderators) or "-"),
         ("members", ", ".join(f"{n} {m.value}" for m, n in sorted(
             counts.items(), key=lambda kv: kv[0].value)) or "none"),
+        ("personal links", "on (one-click unsubscribe per member)" if lst.personalize
+         else "off (bulk delivery, mailto unsubscribe)"),
+        ("digest", f"{lst.digest_schedule} ({lst.digest_timezone}); early at "
+                   f"{lst.digest_max_posts or '-'} posts or {lst.digest_max_bytes or '-'} bytes; "
+                   f"next {when(lst.digest_next_at)}"),
+        ("emergency", "ON: every post is held" if lst.emergency else "off"),
         ("created", when(lst.created_at)),
     ):
         table.add_row(key, value)
@@ -298,16 +309,49 @@ def lists_show(obj: Context, address: str) -> None:
 @click.argument("address")
 @click.option("--emergency", type=click.Choice(["on", "off"]),
               help="Emergency moderation: hold every post (with the emergency rule in the policy).")
+@click.option("--personalize", type=click.Choice(["on", "off"]),
+              help="Per-member one-click unsubscribe links (RFC 8058): one SMTP transaction "
+                   "per member. Off: bulk transactions, mailto unsubscribe only.")
+@click.option("--digest-schedule", metavar="CRON",
+              help='When digests go out: a cron expression, e.g. "0 7 * * *" (daily, 07:00).')
+@click.option("--digest-timezone", metavar="ZONE", help="Time zone of the schedule, e.g. UTC.")
+@click.option("--digest-max-posts", type=click.IntRange(min=0),
+              help="Send a digest early once it holds this many posts (0: never).")
+@click.option("--digest-max-bytes", type=click.IntRange(min=0),
+              help="Send a digest early once its posts add up to this many bytes (0: never).")
 @click.pass_obj
 @fail_cleanly
-def lists_set(obj: Context, address: str, emergency: str | None) -> None:
+def lists_set(obj: Context, address: str, emergency: str | None, personalize: str | None,
+              digest_schedule: str | None, digest_timezone: str | None,
+              digest_max_posts: int | None, digest_max_bytes: int | None) -> None:
     """Change a list's settings."""
-    if emergency is None:
-        raise click.UsageError("nothing to change: give --emergency on|off")
+    from gateway import digest
+
+    changes: dict[str, object] = {}
+    if emergency is not None:
+        changes["emergency"] = emergency == "on"
+    if personalize is not None:
+        changes["personalize"] = personalize == "on"
+    if digest_schedule is not None:
+        changes["digest_schedule"] = digest_schedule
+    if digest_timezone is not None:
+        changes["digest_timezone"] = digest_timezone
+    if digest_max_posts is not None:
+        changes["digest_max_posts"] = digest_max_posts
+    if digest_max_bytes is not None:
+        changes["digest_max_bytes"] = digest_max_bytes
+    if not changes:
+        raise click.UsageError("nothing to change; see `listgate lists set --help`")
     with obj.store() as store, store.write() as conn:
         lst = lists.get(conn, address)
-        lists.set_emergency(conn, lst, emergency == "on")
-    out.print(f"{lst.address}: emergency moderation {emergency}")
+        digest.schedule(str(changes.get("digest_schedule", lst.digest_schedule)),
+                        str(changes.get("digest_timezone", lst.digest_timezone)))
+        if "digest_schedule" in changes or "digest_timezone" in changes:
+            changes["digest_next_at"] = None  # recomputed from the new schedule
+        lists.update(conn, lst, **changes)
+    for key, value in changes.items():
+        if key != "digest_next_at":
+            out.print(f"{lst.address}: {key.replace('_', ' ')} = {value}")
 
 
 @lists_group.command("delete")
@@ -373,6 +417,21 @@ def members_remove(obj: Context, list_address: str, member_addresses: tuple[str,
             lists.remove_member(conn, lst, address)
     for address in member_addresses:
         out.print(f"removed {addresses.normalise(address)} from {lst.address}")
+
+
+@members.command("set")
+@click.argument("list_address", metavar="LIST")
+@click.argument("address")
+@click.option("--mode", type=MODES, required=True,
+              help="regular, digest-mime, digest-plain, digest-html or nomail.")
+@click.pass_obj
+@fail_cleanly
+def members_set(obj: Context, list_address: str, address: str, mode: str) -> None:
+    """Change how a member receives the list."""
+    with obj.store() as store, store.write() as conn:
+        lst = lists.get(conn, list_address)
+        lists.set_mode(conn, lst, address, Mode(mode))
+    out.print(f"{addresses.normalise(address)} now gets {mode} from {lst.address}")
 
 
 @members.command("ls")
@@ -845,3 +904,53 @@ def promo_score(obj: Context, files: tuple[Path, ...], list_address: str | None)
         verdict = "hold" if hold else "pass"
         fired = "; ".join(f"{s.name}: {s.detail}" for s in result.signals if s.weight > 0)
         print(f"{path}\t{result.probability:.3f}\t{verdict}\t{fired}")
+
+
+# -- digests ---------------------------------------------------------------------------------
+
+@main.group("digest")
+def digest_group() -> None:
+    """Digests: preview the open batch, or send it now."""
+
+
+@digest_group.command("preview")
+@click.argument("list_address", metavar="LIST")
+@click.option("--format", "fmt", type=click.Choice(["mime", "plain", "html"]), default="mime",
+              show_default=True)
+@click.option("--output", "-o", type=click.Path(dir_okay=False, path_type=Path),
+              help="Write the message here (default: standard output).")
+@click.pass_obj
+@fail_cleanly
+def digest_preview(obj: Context, list_address: str, fmt: str, output: Path | None) -> None:
+    """Render the list's open batch as a digest message, without sending anything."""
+    from gateway import digest
+
+    config = obj.config()
+    templates = Templates(config.paths.templates)
+    with obj.store() as store, store.read() as conn:
+        lst = lists.get(conn, list_address)
+        shown = digest.preview(conn, lst, fmt, templates, public_url=config.web.public_url,
+                               now=now())
+    if shown is None:
+        raise NotFound(f"{lst.address} has no posts waiting for its next digest")
+    if output is None:
+        sys.stdout.buffer.write(shown.data)
+    else:
+        output.write_bytes(shown.data)
+        err.print(f"wrote {len(shown.data)} bytes ({shown.posts} posts) to {output}")
+
+
+@digest_group.command("send")
+@click.argument("list_address", metavar="LIST")
+@click.pass_obj
+@fail_cleanly
+def digest_send(obj: Context, list_address: str) -> None:
+    """Close the list's open batch now; the running gateway sends it to digest members."""
+    from gateway import digest
+
+    with obj.store() as store, store.write() as conn:
+        lst = lists.get(conn, list_address)
+        closed = digest.close(conn, lst, now=now(), why="sent by hand (listgate digest send)")
+    if not closed:
+        raise NotFound(f"{lst.address} has no posts waiting for its next digest")
+    out.print(f"{lst.address}: digest closed; the running gateway sends it now")

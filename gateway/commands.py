@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from gateway import authentication, holds, journal, lists, queue, tokens
+from gateway import authentication, holds, journal, lists, queue, selfservice, tokens
 from gateway.clock import Clock
 from gateway.errors import LeaseLost
 from gateway.facts import Envelope, MessageFacts, message_facts, why_not_notify
@@ -57,11 +57,12 @@ class Reply:
     envelope: Envelope
     mailing_list: MailingList | None
     token: tokens.Token | None
+    role: Role = Role.CONFIRM
 
 
 class Commands:
     stage = Stage.COMMANDS
-    roles = (Role.CONFIRM,)
+    roles = (Role.CONFIRM, Role.REQUEST, Role.JOIN, Role.LEAVE)
 
     def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, templates: Templates,
                  policies: Policies, resolver: authentication.Resolver,
@@ -77,12 +78,13 @@ class Commands:
         self.retry_delay = retry_delay
         self.batch = batch
 
-    def run_once(self) -> Progress:
+    def run_once(self, progress: Progress | None = None) -> Progress:
         with self.store.write() as conn:
             rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
                                where=[work.c.stage == self.stage.value,
                                       work.c.role.in_([r.value for r in self.roles])])
-        progress = Progress(worked=len(rows))
+        progress = progress or Progress()
+        progress.worked += len(rows)
         for row in rows:
             try:
                 self._handle(self._read(row), progress)
@@ -102,13 +104,15 @@ class Commands:
             lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
             token = tokens.find(conn, row.detail) if row.detail else None
         return Reply(row.id, row.message_id, msg.raw, message_facts(msg.raw),
-                     Envelope(msg.mail_from, row.address), lst, token)
+                     Envelope(msg.mail_from, row.address), lst, token, Role(row.role))
 
     def _handle(self, r: Reply, progress: Progress) -> None:
         lst = r.mailing_list
         auto = why_not_notify(r.facts, r.envelope)
         if lst is None:
             self._finish(r, None, "ignored", "the list was deleted")
+        elif r.role is not Role.CONFIRM:
+            self._request(r, lst, auto, progress)
         elif r.token is None or r.token.list_id != lst.id:
             # An unknown token, or another list's: a forger learns nothing, not even that.
             self._finish(r, lst, "confirm-refused", "no such token for this list")
@@ -120,8 +124,7 @@ class Commands:
         elif r.token.kind is tokens.Kind.WITHDRAW:
             self._poster(r, lst, r.token, progress)
         else:
-            self._finish(r, lst, "confirm-refused", f"a {r.token.kind.value} token: "
-                                                    "subscriptions are not handled here yet")
+            self._subscription(r, lst, r.token, progress)
 
     # -- moderators ------------------------------------------------------------------
 
@@ -189,7 +192,7 @@ class Commands:
             self._reply(conn, r, lst, sender, "done", {"held": decided,
                                                        "note": command.argument})
             self._record(conn, r, lst, "confirmed", f"{sender}: {verb.value} held #{record.id}")
-        progress.wake.update({Stage.FANOUT, Stage.DELIVERY})
+        progress.woke(Stage.FANOUT, Stage.DELIVERY)
 
     # -- posters ----------------------------------------------------------------------
 
@@ -224,7 +227,63 @@ class Commands:
             holds.decide(conn, record, holds.Verb.WITHDRAW, actor=sender, note="", now=now,
                          lst=lst, templates=self.templates)
             self._record(conn, r, lst, "confirmed", f"{sender} withdrew held #{record.id}")
-        progress.wake.add(Stage.DELIVERY)
+        progress.woke(Stage.DELIVERY)
+
+    # -- self-service: -request, -join, -leave, and confirming them --------------------
+
+    def _request(self, r: Reply, lst: MailingList, auto: str | None,
+                 progress: Progress) -> None:
+        sender = r.facts.author or ""
+        auth = authentication.verify(r.raw, self.resolver,
+                                     trusted_authserv_ids=self.trusted_authserv_ids,
+                                     use="either" if self.trusted_authserv_ids else "dkim")
+        why_not = auto or why_not_notify(r.facts, r.envelope, auth_failed=auth.dmarc == "fail")
+        if why_not or not sender:
+            # Answered never: the sender may be forged, bulk or a robot.
+            self._finish(r, lst, "request-ignored", f"{r.role.value} from "
+                                                    f"{sender or '?'}: {why_not or 'no From'}")
+            return
+        if r.role is Role.REQUEST:
+            commands = selfservice.commands_in(r.raw)
+        else:
+            verb = "subscribe" if r.role is Role.JOIN else "unsubscribe"
+            commands = [selfservice.Command(f"({verb} by mail to {r.envelope.recipient})",
+                                            verb, ())]
+        requester = selfservice.Requester(sender, auth.authenticated)
+        now = self.clock.now()
+        with self.store.write() as conn:
+            self._complete(conn, r)
+            selfservice.run(conn, lst, requester, commands, now=now, templates=self.templates,
+                            message_id=r.message_id)
+            selfservice.reply(conn, lst, requester, subject=r.facts.subject,
+                              in_reply_to=r.facts.message_id, now=now,
+                              templates=self.templates, message_id=r.message_id)
+            self._record(conn, r, lst, "request", f"{sender}: " + "; ".join(
+                f"{line} -> {result.splitlines()[0]}" for line, result in requester.results)
+                or f"{sender}: no commands")
+        progress.woke(Stage.DELIVERY)
+
+    def _subscription(self, r: Reply, lst: MailingList, token: tokens.Token,
+                      progress: Progress) -> None:
+        """A reply to a confirmation request: the address itself confirms."""
+        sender = r.facts.author or ""
+        if sender != token.address or not same_sender(sender, r.envelope.mail_from):
+            self._finish(r, lst, "confirm-refused",
+                         f"{sender or 'no From'} is not the address this confirmation "
+                         "was sent to")
+            return
+        auth = authentication.verify(r.raw, self.resolver,
+                                     trusted_authserv_ids=self.trusted_authserv_ids)
+        if auth.dmarc == "fail":
+            self._finish(r, lst, "confirm-refused", f"confirmation from {sender} fails DMARC")
+            return
+        now = self.clock.now()
+        with self.store.write() as conn:
+            self._complete(conn, r)
+            result = selfservice.confirm(conn, lst, token, by=sender, now=now,
+                                         templates=self.templates, message_id=r.message_id)
+            self._record(conn, r, lst, "confirmed", result)
+        progress.woke(Stage.DELIVERY)
 
     # -- the plumbing ------------------------------------------------------------------
 

@@ -111,6 +111,14 @@ class DeliveryConfig:
 
 
 @dataclass(frozen=True)
+class DigestConfig:
+    """How often digest schedules are looked at (each list's schedule is its own)."""
+
+    tick: Seconds = Seconds(30)
+    chunk: int = 2000  # digest members read and queued per transaction
+
+
+@dataclass(frozen=True)
 class ModerationConfig:
     """Moderation that is the operator's to set (the rest is in the policy files)."""
 
@@ -126,6 +134,21 @@ class DNSConfig:
 
     nameservers: tuple[str, ...] = ()  # empty: the system's (/etc/resolv.conf)
     timeout: Seconds = Seconds(5)
+
+
+@dataclass(frozen=True)
+class WebConfig:
+    """The small HTTP endpoint: one-click unsubscribe (RFC 8058), preferences, metrics."""
+
+    listen: str = "http://127.0.0.1:8080"   # empty: no web endpoint, links are mailto only
+    # The public URL members' links use; put the endpoint behind a TLS reverse proxy
+    # (RFC 8058 wants https). Empty: derived from listen (fine for trying it out).
+    base_url: str = ""
+    secret_file: Path = Path("secret.key")  # signs members' links; made by `listgate init`
+
+    @property
+    def public_url(self) -> str:
+        return (self.base_url or self.listen).rstrip("/")
 
 
 @dataclass(frozen=True)
@@ -149,7 +172,9 @@ class Config:
     fanout: FanoutConfig = field(default_factory=FanoutConfig)
     delivery: DeliveryConfig = field(default_factory=DeliveryConfig)
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
+    digest: DigestConfig = field(default_factory=DigestConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    web: WebConfig = field(default_factory=WebConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     log: LogConfig = field(default_factory=LogConfig)
     source: Path | None = None
@@ -275,6 +300,12 @@ def _check(config: Config, where: str) -> None:
         parse_listener(url, where)
     if config.delivery.smarthost:
         parse_smarthost(config.delivery.smarthost, where)
+    for url in filter(None, (config.web.listen, config.web.base_url)):
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ConfigError(f"{where}: [web] {url!r} must be an http:// or https:// URL")
+    if config.web.listen and urlsplit(config.web.listen).port is None:
+        raise ConfigError(f"{where}: [web] listen {config.web.listen!r} needs a port")
     if config.delivery.starttls not in ("opportunistic", "required", "never"):
         raise ConfigError(f"{where}: [delivery] starttls must be \"opportunistic\", "
                           f"\"required\" or \"never\", not {config.delivery.starttls!r}")

@@ -7,11 +7,15 @@ the store, the route table, the stages and the listeners are made here, once.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from urllib.parse import urlsplit
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from gateway import learning, promo, queue
 from gateway.authentication import Resolver
@@ -19,6 +23,7 @@ from gateway.clock import Clock, SystemClock
 from gateway.commands import Commands
 from gateway.config import Config, parse_listener, store_url
 from gateway.delivery import Delivery
+from gateway.digest import Digest
 from gateway.errors import ConfigError
 from gateway.fanout import Fanout
 from gateway.intake import (
@@ -35,9 +40,11 @@ from gateway.policy import Policies
 from gateway.queue import Claimer
 from gateway.routing import Stage
 from gateway.schema import outbound, work
+from gateway.signing import LinkSigner
 from gateway.store import Store
 from gateway.templates import Templates
 from gateway.transport import Transport, build
+from gateway.web import WebServer
 from gateway.worker import Progress, Wakeups, run_stage
 
 log = logging.getLogger(__name__)
@@ -61,6 +68,8 @@ class Daemon:
     transport: Transport | None = None
     resolver: Resolver | None = None
     bound: list[Bound] = field(default_factory=list)
+    signer: LinkSigner | None = None
+    _jobs: set[asyncio.Future[Progress]] = field(default_factory=set)
     _stopping: asyncio.Event | None = None
     _loop: asyncio.AbstractEventLoop | None = None
 
@@ -80,17 +89,18 @@ class Daemon:
                 loop.add_signal_handler(sig, stopping.set)
             loop.add_signal_handler(signal.SIGHUP, reload_requested.set)
 
-        # Files first: an invalid policy stops the start before anything is opened.
+        # Files first: an invalid policy or key stops the start before anything is opened.
         policies = Policies(config.paths.policies)
         templates = Templates(config.paths.templates)
+        self.signer = signer = LinkSigner.from_file(config.web.secret_file, create=True)
         store = Store(store_url(config), clock=self.clock, pool_size=config.store.pool_size)
         try:
-            await self._run(store, policies, templates, stopping, reload_requested, ready)
+            await self._run(store, policies, templates, signer, stopping, reload_requested, ready)
         finally:
             store.dispose()
 
     async def _run(self, store: Store, policies: Policies, templates: Templates,
-                   stopping: asyncio.Event, reload_requested: asyncio.Event,
+                   signer: LinkSigner, stopping: asyncio.Event, reload_requested: asyncio.Event,
                    ready: Callable[[], None] | None) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
@@ -131,7 +141,22 @@ class Daemon:
         moderation = Moderation(store, clock=self.clock, claimer=claimer, policies=policies,
                                 templates=templates, resolver=resolver, models=models,
                                 trusted_authserv_ids=trusted, retry_delay=retry)
-        batch_stages: list[tuple[Stage, Callable[[], Progress]]] = [
+        web, public_url = None, ""
+        if config.web.listen:
+            listen = urlsplit(config.web.listen)
+            web = WebServer(store, signer=signer, templates=templates, clock=self.clock,
+                            base_url=config.web.base_url)
+            host, port = await asyncio.to_thread(
+                web.start, listen.hostname or "127.0.0.1",
+                listen.port if listen.port is not None else 8080)
+            self.bound.append(Bound("http", host, port))
+            # Without a base_url, links point at the endpoint itself (fine for trying it out).
+            public_url = config.web.base_url.rstrip("/") or f"http://{host}:{port}"
+            log.info("web endpoint on http://%s:%s; members' links use %s", host, port,
+                     public_url)
+        digest = Digest(store, clock=self.clock, claimer=claimer, templates=templates,
+                        public_url=public_url, chunk=config.digest.chunk, retry_delay=retry)
+        batch_stages: list[tuple[Stage, Callable[[Progress], Progress]]] = [
             (Stage.MODERATION, moderation.run_once),
             (Stage.COMMANDS, Commands(store, clock=self.clock, claimer=claimer,
                                       templates=templates, policies=policies, resolver=resolver,
@@ -139,12 +164,13 @@ class Daemon:
             (Stage.FANOUT, Fanout(store, clock=self.clock, claimer=claimer, templates=templates,
                                   hostname=config.hostname, chunk=config.fanout.chunk,
                                   max_recipients=config.delivery.max_recipients,
-                                  retry_delay=retry).run_once),
+                                  public_url=public_url, retry_delay=retry).run_once),
+            (Stage.DIGEST, digest.run_once),
             (Stage.OWNER, Owner(store, clock=self.clock, claimer=claimer,
                                 hostname=config.hostname, retry_delay=retry).run_once),
         ]
         delivery = Delivery(store, transport, clock=self.clock, claimer=claimer,
-                            config=config.delivery, retry_delay=retry)
+                            config=config.delivery, retry_delay=retry, signer=signer)
         poll = config.queue.poll_interval
         tasks = [asyncio.create_task(run_stage(stage, run_once, wakeups, poll_interval=poll,
                                                stopping=stopping), name=stage.value)
@@ -155,9 +181,19 @@ class Daemon:
             asyncio.create_task(writer.run(stopping), name="intake-writer"),
             asyncio.create_task(self._refresh(directory, stopping, reload_requested, policies),
                                 name="directory"),
-            asyncio.create_task(self._every(config.moderation.sweep_interval, moderation.sweep,
-                                            wakeups, stopping), name="moderation-sweep"),
         ]
+        # Periodic jobs: expiries and reminders of held posts, and the digest schedules.
+        scheduler = AsyncIOScheduler(event_loop=loop)
+        # A run still going when the next is due is skipped (max_instances=1): wanted,
+        # and not worth a warning every time.
+        logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+        for job, every in ((moderation.sweep, config.moderation.sweep_interval),
+                           (digest.tick, config.digest.tick)):
+            scheduler.add_job(self._periodic, "interval", seconds=every, args=(job, wakeups),
+                              id=job.__qualname__, coalesce=True, max_instances=1,
+                              next_run_time=datetime.datetime.now(datetime.UTC))
+        scheduler.start()
+
         log.info("Listgate running: store %s, delivery to %s",
                  store.engine.url.render_as_string(hide_password=True), transport.describe())
         if ready is not None:
@@ -169,9 +205,12 @@ class Daemon:
             for server in servers:
                 server.close()
             stopping.set()
+            scheduler.shutdown(wait=False)
+            if web is not None:
+                await asyncio.to_thread(web.stop)
             # Every loop ends on `stopping` and is awaited, so no worker thread still holds
             # a store connection when the store is closed.
-            await asyncio.gather(*tasks, *background, return_exceptions=True)
+            await asyncio.gather(*tasks, *background, *self._jobs, return_exceptions=True)
             log.info("stopped")
 
     @staticmethod
@@ -184,20 +223,19 @@ class Daemon:
                     log.warning("recovered %d %s rows claimed by a process that died",
                                 freed, table.name)
 
-    @staticmethod
-    async def _every(interval: float, job: Callable[[], Progress], wakeups: Wakeups,
-                     stopping: asyncio.Event) -> None:
-        """Run a periodic job in a worker thread (expiries, reminders)."""
-        while not stopping.is_set():
-            try:
-                progress = await asyncio.to_thread(job)
-                wakeups.notify(*progress.wake)
-            except Exception:  # a periodic job is a process boundary: log, try next time
-                log.exception("periodic job %s failed", getattr(job, "__qualname__", job))
-            try:
-                await asyncio.wait_for(stopping.wait(), interval)
-            except TimeoutError:
-                pass
+    async def _periodic(self, job: Callable[[Progress], Progress], wakeups: Wakeups) -> None:
+        """One run of a periodic job, in a worker thread; awaited at shutdown."""
+        task = asyncio.ensure_future(asyncio.to_thread(job, Progress(on_wake=wakeups.notify)))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        try:
+            # Shielded: a shutdown cancels this wait, not the thread, which the shutdown
+            # then awaits through self._jobs before closing the store.
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            return
+        except Exception:  # a periodic job is a process boundary: log, try next time
+            log.exception("periodic job %s failed", getattr(job, "__qualname__", job))
 
     @staticmethod
     async def _refresh(directory: Directory, stopping: asyncio.Event, reload: asyncio.Event,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from gateway import headers as h
 from gateway.message import CRLF, Parts, content_type, decode_header, normalise_eol, split
+from gateway.signing import PLACEHOLDER, defang
 
 log = logging.getLogger(__name__)
 
@@ -57,16 +58,22 @@ class Trace:
     received_at: float
 
 
-def list_fields(lst: ListIdentity) -> list[tuple[str, str]]:
-    """RFC 2919 and RFC 2369 fields for a list's mail."""
+def list_fields(lst: ListIdentity, links_base: str | None = None) -> list[tuple[str, str]]:
+    """RFC 2919 and RFC 2369 fields for a list's mail; with per-member links, the
+    RFC 8058 one-click unsubscribe (its URL carries the member placeholder)."""
+    unsubscribe = f"<mailto:{lst.address('leave')}>"
+    if links_base:
+        unsubscribe = f"<{links_base}/u/{PLACEHOLDER}>, {unsubscribe}"
     fields = [
         (h.LIST_ID, f"{_phrase(lst.display_name)} <{lst.list_id}>"),
         (h.LIST_POST, f"<mailto:{lst.post_address}>"),
         (h.LIST_HELP, f"<mailto:{lst.address('request')}?subject=help>"),
         (h.LIST_SUBSCRIBE, f"<mailto:{lst.address('join')}>"),
-        (h.LIST_UNSUBSCRIBE, f"<mailto:{lst.address('leave')}>"),
+        (h.LIST_UNSUBSCRIBE, unsubscribe),
         (h.LIST_OWNER, f"<mailto:{lst.address('owner')}>"),
     ]
+    if links_base:
+        fields.append((h.LIST_UNSUBSCRIBE_POST, "List-Unsubscribe=One-Click"))
     if lst.archive_url:
         fields.append((h.LIST_ARCHIVE, f"<{lst.archive_url}>"))
     return fields
@@ -103,9 +110,11 @@ def message_id_for(raw: bytes, domain: str) -> str:
     return f"<listgate.{hashlib.sha256(raw).hexdigest()[:24]}@{domain}>"
 
 
-def decorate_post(raw: bytes, lst: ListIdentity, *, footer: str, trace: Trace) -> bytes:
-    """The copy of a post that regular members receive."""
-    parts = split(raw)
+def decorate_post(raw: bytes, lst: ListIdentity, *, footer: str, trace: Trace,
+                  links_base: str | None = None) -> bytes:
+    """The copy of a post that regular members receive. With ``links_base``, it carries
+    the member placeholder in its links, for delivery to make each member's copy."""
+    parts = split(defang(raw))
     parts.remove(*h.LIST_FIELDS)
     parts.remove(h.X_LOOP)
     parts.prepend(h.RECEIVED, received_field(trace))
@@ -115,7 +124,7 @@ def decorate_post(raw: bytes, lst: ListIdentity, *, footer: str, trace: Trace) -
         parts.add(h.MESSAGE_ID, message_id_for(raw, lst.domain))
     if parts.get(h.DATE) is None:
         parts.add(h.DATE, email.utils.formatdate(trace.received_at))
-    for name, value in list_fields(lst):
+    for name, value in list_fields(lst, links_base):
         parts.add(name, value)
     parts.add(h.PRECEDENCE, "list")
     parts.add(h.X_LOOP, lst.post_address)

@@ -30,6 +30,7 @@ from gateway.errors import PermanentDeliveryError, TransientDeliveryError
 from gateway.queue import Claimer
 from gateway.routing import Stage
 from gateway.schema import contents, delivery_failures, outbound
+from gateway.signing import LinkSigner, personalise
 from gateway.smtpclient import Outcome, Reply
 from gateway.store import Store
 from gateway.transport import Transport
@@ -46,9 +47,18 @@ class Job:
     list_id: int | None
     message_id: int | None
     envelope_from: str
-    recipients: tuple[str, ...]
+    lines: tuple[str, ...]  # as stored: "address", or "address member_id" when personalised
     tries: int
     first_try_at: float | None
+    personalize: bool = False
+
+    @property
+    def recipients(self) -> tuple[str, ...]:
+        return tuple(line.partition(" ")[0] for line in self.lines)
+
+    def lines_for(self, addresses: Iterable[str]) -> list[str]:
+        wanted = set(addresses)
+        return [line for line in self.lines if line.partition(" ")[0] in wanted]
 
 
 @dataclass(frozen=True)
@@ -88,7 +98,9 @@ class Delivery:
     stage = Stage.DELIVERY
 
     def __init__(self, store: Store, transport: Transport, *, clock: Clock, claimer: Claimer,
-                 config: DeliveryConfig, retry_delay: float) -> None:
+                 config: DeliveryConfig, retry_delay: float,
+                 signer: LinkSigner | None = None) -> None:
+        self.signer = signer
         self.store = store
         self.transport = transport
         self.clock = clock
@@ -163,7 +175,8 @@ class Delivery:
                                               .where(contents.c.id.in_(missing))):
                     self.cache.put(cid, data)
         return [Job(r.id, r.content_id, r.kind, r.list_id, r.message_id, r.envelope_from,
-                    tuple(r.recipients.split("\n")), r.tries, r.first_try_at) for r in rows]
+                    tuple(r.recipients.split("\n")), r.tries, r.first_try_at, r.personalize)
+                for r in rows]
 
     # -- sending ----------------------------------------------------------------------
 
@@ -178,7 +191,10 @@ class Delivery:
             try:
                 if data is None:
                     data = await asyncio.to_thread(self._load_content, job.content_id)
-                outcome = await self.transport.send(job.envelope_from, job.recipients, data)
+                if job.personalize:
+                    outcome = await self._send_each(job, data)
+                else:
+                    outcome = await self.transport.send(job.envelope_from, job.recipients, data)
                 result = Result(job, started, outcome=outcome)
             except (TransientDeliveryError, PermanentDeliveryError) as exc:
                 result = Result(job, started, error=exc)
@@ -186,6 +202,31 @@ class Delivery:
                 log.exception("delivery of outbound row %s failed unexpectedly", job.id)
                 result = Result(job, started, crash=f"{type(exc).__name__}: {exc}")
             results.put_nowait(result)
+
+    async def _send_each(self, job: Job, data: bytes) -> Outcome:
+        """Personalised delivery: one transaction per member, each with their own links.
+        A failure of the whole transaction is that member's; a connection failure
+        defers everyone not yet sent (no point knocking on a closed door 100 times)."""
+        if self.signer is None or job.list_id is None:
+            raise TransientDeliveryError(451, "personal links need the web endpoint's key")
+        refused: dict[str, Reply] = {}
+        reply = ""
+        pending = [line.partition(" ") for line in job.lines]
+        for i, (address, _sep, member_id) in enumerate(pending):
+            token = self.signer.member_token(job.list_id, int(member_id), address)
+            try:
+                outcome = await self.transport.send(job.envelope_from, [address],
+                                                    personalise(data, token))
+            except PermanentDeliveryError as exc:
+                refused[address] = Reply(exc.code, exc.text)
+                continue
+            except TransientDeliveryError as exc:
+                for rest, _s, _m in pending[i:]:
+                    refused[rest] = Reply(exc.code if exc.code < 500 else 451, exc.text)
+                break
+            refused.update(outcome.refused)
+            reply = outcome.reply
+        return Outcome(refused, reply)
 
     def _load_content(self, content_id: int) -> bytes:
         with self.store.read() as conn:
@@ -255,7 +296,7 @@ class Delivery:
                           note=f"{len(later)} recipients deferred: "
                                f"{r.outcome.refused[later[0]].code} "
                                f"{r.outcome.refused[later[0]].text}",
-                          recipients="\n".join(later), rcpt_count=len(later),
+                          recipients="\n".join(job.lines_for(later)), rcpt_count=len(later),
                           tries=job.tries + 1, first_try_at=first_try)
             log.info("delivered %s rcpts=%d, deferred %d, failed %d", where, delivered,
                      len(later), len(permanent))

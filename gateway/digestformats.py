@@ -27,6 +27,7 @@ from gateway import headers as h
 from gateway.decorate import ListIdentity, list_fields, message_id_for
 from gateway.errors import ConfigError
 from gateway.message import CRLF, Parts, decode_header, make_field, parse, split
+from gateway.signing import DEFANGED, PLACEHOLDER
 from gateway.templates import Templates
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,9 @@ FORMATS = ("mime", "plain", "html")
 
 # Letters and digits only: nothing in a URL, a header or an HTML attribute escapes
 # them, and no line folding or transfer encoding we use touches them.
-PLACEHOLDER = "LGMEMBERTOKEN02PLTIfubwCV0qlU77uZ9YEjKjTqrLei5unf5mnb"
-_TOKEN = re.compile(r"[A-Za-z0-9_-]{16,128}")
 # What a post's own copy of PLACEHOLDER becomes, so that the per-member substitution
 # can never put a member's token where the poster chose (e.g. in a remote image URL).
-_DEFANGED = "(member-token-removed)"
+_DEFANGED = DEFANGED.decode("ascii")
 
 _SEPARATOR = "-" * 30  # RFC 1153: between enclosed messages (the templates draw them)
 _MAX_LINE = 998  # RFC 5322 2.1.1, in octets, without CRLF
@@ -190,13 +189,6 @@ def render(issue: DigestIssue, fmt: str, templates: Templates, *, link_base: str
     log.debug("rendered %s digest vol %d issue %d of %s: %d posts, %d bytes", fmt,
               issue.volume, issue.number, lst.post_address, len(posts), len(message))
     return message
-
-
-def personalise(rendered: bytes, token: str) -> bytes:
-    """One member's copy: PLACEHOLDER replaced by the member's URL-safe token."""
-    if not _TOKEN.fullmatch(token):
-        raise ValueError("a member token is 16 to 128 characters of A-Z, a-z, 0-9, '-', '_'")
-    return rendered.replace(PLACEHOLDER.encode("ascii"), token.encode("ascii"))
 
 
 # -- reading posts ------------------------------------------------------------------

@@ -14,7 +14,7 @@ import logging
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
-from gateway import journal, lists, outgoing, queue
+from gateway import digest, journal, lists, outgoing, queue
 from gateway.clock import Clock
 from gateway.decorate import Trace, decorate_post
 from gateway.errors import LeaseLost
@@ -22,6 +22,7 @@ from gateway.lists import MailingList
 from gateway.queue import Claimer
 from gateway.routing import Stage
 from gateway.schema import Mode, members, messages, work
+from gateway.signing import PLACEHOLDER
 from gateway.store import Store
 from gateway.templates import Templates
 from gateway.worker import Progress
@@ -34,7 +35,8 @@ class Fanout:
 
     def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, templates: Templates,
                  hostname: str, chunk: int, max_recipients: int, retry_delay: float,
-                 batch: int = 8) -> None:
+                 public_url: str = "", batch: int = 8) -> None:
+        self.public_url = public_url
         self.store = store
         self.clock = clock
         self.claimer = claimer
@@ -45,11 +47,12 @@ class Fanout:
         self.retry_delay = retry_delay
         self.batch = batch
 
-    def run_once(self) -> Progress:
+    def run_once(self, progress: Progress | None = None) -> Progress:
         with self.store.write() as conn:
             rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
                                where=[work.c.stage == self.stage.value])
-        progress = Progress(worked=len(rows))
+        progress = progress or Progress()
+        progress.worked += len(rows)
         for row in rows:
             try:
                 self._fan_out(row, progress)
@@ -73,7 +76,7 @@ class Fanout:
                                message_id=row.message_id, list_id=None,
                                detail="the list was deleted before the post went out")
             return
-        content_id = row.content_id or self._store_content(row, lst)
+        content_id = row.content_id or self._store_content(row, lst, progress)
         with self.store.read() as conn:
             message_id_header = conn.execute(sa.select(messages.c.message_id).where(
                 messages.c.id == row.message_id)).scalar_one_or_none()
@@ -88,12 +91,13 @@ class Fanout:
                            members.c.enabled.is_(True), members.c.id > cursor)
                     .order_by(members.c.id).limit(self.chunk)
                 ).all()
-                recipients = [r.address for r in chunk]
+                personal = lst.links_base(self.public_url) is not None
+                recipients = [f"{r.address} {r.id}" if personal else r.address for r in chunk]
                 outgoing.enqueue(conn, content_id=content_id,
                                  envelope_from=lst.identity.address("bounces"),
                                  recipients=recipients, kind=outgoing.Kind.POST,
                                  list_id=lst.id, message_id=row.message_id, now=now,
-                                 batch=self.max_recipients)
+                                 batch=self.max_recipients, personalize=personal)
                 queued += len(recipients)
                 if len(chunk) < self.chunk:
                     if not queue.complete(conn, work, row.id, self.claimer):
@@ -104,7 +108,7 @@ class Fanout:
                                    detail=f"to {lst.address}: queued for {queued} "
                                           "regular members" + (" (resumed)" if row.cursor else ""),
                                    log_message_id=message_id_header)
-                    progress.wake.add(Stage.DELIVERY)
+                    progress.woke(Stage.DELIVERY)
                     return
                 cursor = chunk[-1].id
                 moved = conn.execute(
@@ -113,20 +117,28 @@ class Fanout:
                 ).rowcount
                 if moved != 1:
                     raise LeaseLost(f"work row {row.id}")
-            progress.wake.add(Stage.DELIVERY)
+            progress.woke(Stage.DELIVERY)
 
-    def _store_content(self, row: Row[tuple[object, ...]], lst: MailingList) -> int:
+    def _store_content(self, row: Row[tuple[object, ...]], lst: MailingList,
+                       progress: Progress) -> int:
         with self.store.read() as conn:
             msg = conn.execute(sa.select(messages).where(messages.c.id == row.message_id)).one()
-        footer = self.templates.render("footer.txt.j2", list_address=lst.address,
-                                       mailing_list=lst.identity)
+        links = lst.links_base(self.public_url)
+        footer = self.templates.render(
+            "footer.txt.j2", list_address=lst.address, mailing_list=lst.identity,
+            preferences_url=f"{links}/u/{PLACEHOLDER}" if links else None)
         trace = Trace(helo=msg.helo, peer=msg.peer, hostname=self.hostname,
                       protocol=msg.protocol, queue_id=msg.id, recipient=lst.address,
                       received_at=msg.received_at)
-        data = decorate_post(msg.raw, lst.identity, footer=footer, trace=trace)
+        data = decorate_post(msg.raw, lst.identity, footer=footer, trace=trace,
+                             links_base=links)
         now = self.clock.now()
         with self.store.write() as conn:
             content_id = outgoing.add_content(conn, data, now=now)
+            # In the transaction that marks this post's content made: it joins the
+            # digest batch exactly once, however often this fanout is retried.
+            if digest.add_post(conn, lst, message_id=msg.id, size=msg.size, now=now):
+                progress.woke(Stage.DIGEST)
             moved = conn.execute(
                 sa.update(work).where(queue.owned(work, row.id, self.claimer))
                 .values(content_id=content_id, updated_at=now)

@@ -28,6 +28,12 @@ class MailingList:
     archive_url: str | None
     created_at: float
     emergency: bool = False
+    personalize: bool = True
+    digest_schedule: str = "0 7 * * *"
+    digest_timezone: str = "UTC"
+    digest_max_posts: int = 50
+    digest_max_bytes: int = 1_000_000
+    digest_next_at: float | None = None
 
     @property
     def address(self) -> str:
@@ -46,7 +52,14 @@ class MailingList:
     def from_row(cls, row: Row[tuple[object, ...]]) -> MailingList:
         m = row._mapping
         return cls(m["id"], m["name"], m["domain"], m["display_name"], m["description"],
-                   m["subject_prefix"], m["archive_url"], m["created_at"], m["emergency"])
+                   m["subject_prefix"], m["archive_url"], m["created_at"], m["emergency"],
+                   m["personalize"], m["digest_schedule"], m["digest_timezone"],
+                   m["digest_max_posts"], m["digest_max_bytes"], m["digest_next_at"])
+
+    def links_base(self, public_url: str) -> str | None:
+        """Where this list's per-member links live, or None when links are not personal
+        (personalisation off, or no web endpoint)."""
+        return f"{public_url}/l/{self.id}" if self.personalize and public_url else None
 
 
 @dataclass(frozen=True)
@@ -182,6 +195,11 @@ def find_member(conn: Connection, list_id: int, candidates: Iterable[str]) -> Me
     return None
 
 
+def member_by_id(conn: Connection, member_id: int) -> Member | None:
+    row = conn.execute(sa.select(members).where(members.c.id == member_id)).first()
+    return Member.from_row(row) if row else None
+
+
 def iter_members(conn: Connection, lst: MailingList, *, mode: Mode | None = None,
                  batch: int = 1000) -> Iterator[Member]:
     """Members in address order, fetched a batch at a time (keyset pagination)."""
@@ -236,6 +254,19 @@ def moderators(conn: Connection, list_id: int) -> list[str]:
 
 def set_emergency(conn: Connection, lst: MailingList, on: bool) -> None:
     conn.execute(sa.update(lists).where(lists.c.id == lst.id).values(emergency=on))
+
+
+SETTINGS = frozenset({"emergency", "personalize", "digest_schedule", "digest_timezone",
+                      "digest_max_posts", "digest_max_bytes", "digest_next_at",
+                      "display_name", "description", "subject_prefix", "archive_url"})
+
+
+def update(conn: Connection, lst: MailingList, **changes: object) -> None:
+    """Change list settings (only the ones named in SETTINGS)."""
+    unknown = set(changes) - SETTINGS
+    if unknown:
+        raise ValueError(f"not list settings: {', '.join(sorted(unknown))}")
+    conn.execute(sa.update(lists).where(lists.c.id == lst.id).values(**changes))
 
 
 def has_role(conn: Connection, list_id: int, address: str, *roles_: RoleName) -> bool:

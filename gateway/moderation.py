@@ -72,11 +72,12 @@ class Moderation:
         self.retry_delay = retry_delay
         self.batch = batch
 
-    def run_once(self) -> Progress:
+    def run_once(self, progress: Progress | None = None) -> Progress:
         with self.store.write() as conn:
             rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
                                where=[work.c.stage == self.stage.value])
-        progress = Progress(worked=len(rows))
+        progress = progress or Progress()
+        progress.worked += len(rows)
         for row in rows:
             try:
                 item = self._load(row)
@@ -160,7 +161,7 @@ class Moderation:
         assert decision is not None and item.chain is not None
         if decision.action is Action.HOLD:
             self._hold(conn, item, lst, item.chain, decision, now)
-            progress.wake.add(Stage.DELIVERY)
+            progress.woke(Stage.DELIVERY)
             return
         reasons = "; ".join(decision.reasons) or "no rule objected"
         record(decision.action.value, lst.id, f"to {lst.address}: {reasons}")
@@ -171,7 +172,7 @@ class Moderation:
                 content_id=None, state=State.READY.value, attempts=0, due_at=now,
                 lease_owner=None, lease_until=None, last_error=None, created_at=now,
                 updated_at=now))
-            progress.wake.add(Stage.FANOUT)
+            progress.woke(Stage.FANOUT)
         elif decision.action is Action.REJECT:
             self._notify_rejected(conn, item, lst, decision, now, progress)
 
@@ -207,13 +208,13 @@ class Moderation:
                                   subject=f"Your message to {lst.address} was rejected",
                                   text=text, in_reply_to=item.facts.message_id),
                      lst.identity, list_id=lst.id, message_id=item.message_id, now=now)
-        progress.wake.add(Stage.DELIVERY)
+        progress.woke(Stage.DELIVERY)
 
     # -- expiry and reminders ---------------------------------------------------------------
 
-    def sweep(self) -> Progress:
+    def sweep(self, progress: Progress | None = None) -> Progress:
         """Remind moderators of holds about to expire; apply the expiry action to the rest."""
-        progress = Progress()
+        progress = progress or Progress()
         now = self.clock.now()
         with self.store.read() as conn:
             all_lists = lists.all_lists(conn)
@@ -239,5 +240,5 @@ class Moderation:
                                 expiry_action=release.expiry_action):
                     progress.worked += 1
         if progress.worked:
-            progress.wake.update({Stage.DELIVERY, Stage.FANOUT})
+            progress.woke(Stage.DELIVERY, Stage.FANOUT)
         return progress

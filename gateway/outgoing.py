@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from gateway.schema import State, contents, outbound, work
+from gateway.schema import BatchState, State, contents, digest_batches, outbound, work
 
 
 class Kind(enum.Enum):
@@ -28,14 +28,19 @@ def add_content(conn: Connection, data: bytes, *, now: float) -> int:
 
 def enqueue(conn: Connection, *, content_id: int, envelope_from: str, recipients: Sequence[str],
             kind: Kind, list_id: int | None, message_id: int | None, now: float,
-            batch: int) -> int:
-    """One outbound row per ``batch`` recipients; returns the number of rows."""
+            batch: int, personalize: bool = False) -> int:
+    """One outbound row per ``batch`` recipients; returns the number of rows.
+
+    Personalised rows name each recipient as "address member_id": delivery sends each
+    their own copy, the content's placeholder replaced by their member token.
+    """
     rows = [
         {
             "content_id": content_id, "list_id": list_id, "message_id": message_id,
             "kind": kind.value, "envelope_from": envelope_from,
             "recipients": "\n".join(recipients[i:i + batch]),
             "rcpt_count": len(recipients[i:i + batch]), "tries": 0, "first_try_at": None,
+            "personalize": personalize,
             "state": State.READY.value, "attempts": 0, "due_at": now, "lease_owner": None,
             "lease_until": None, "last_error": None, "created_at": now, "updated_at": now,
         }
@@ -57,9 +62,15 @@ def send(conn: Connection, data: bytes, *, envelope_from: str, recipients: Seque
 
 
 def drop_unused_content(conn: Connection, content_id: int) -> None:
-    """Delete content that no outbound row, and no unfinished work, still needs."""
+    """Delete content that no outbound row, no unfinished work and no digest batch still
+    being sent needs (a sent batch just loses its pointer)."""
+    b = digest_batches.c
     conn.execute(sa.delete(contents).where(
         contents.c.id == content_id,
         ~sa.exists().where(outbound.c.content_id == content_id),
         ~sa.exists().where(work.c.content_id == content_id),
+        ~sa.exists().where(b.state != BatchState.SENT.value,
+                           sa.or_(b.mime_content_id == content_id,
+                                  b.plain_content_id == content_id,
+                                  b.html_content_id == content_id)),
     ))

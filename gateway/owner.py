@@ -40,11 +40,12 @@ class Owner:
         self.retry_delay = retry_delay
         self.batch = batch
 
-    def run_once(self) -> Progress:
+    def run_once(self, progress: Progress | None = None) -> Progress:
         with self.store.write() as conn:
             rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
                                where=[work.c.stage == self.stage.value])
-        progress = Progress(worked=len(rows))
+        progress = progress or Progress()
+        progress.worked += len(rows)
         for row in rows:
             try:
                 self._forward(row, progress)
@@ -92,4 +93,4 @@ class Owner:
                           recipients=owners, kind=outgoing.Kind.FORWARD, list_id=lst.id,
                           message_id=msg.id, now=now)
             record("forwarded", lst.id, f"to the owners of {lst.address}: {', '.join(owners)}")
-        progress.wake.add(Stage.DELIVERY)
+        progress.woke(Stage.DELIVERY)

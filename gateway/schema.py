@@ -18,8 +18,10 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    text,
 )
 from sqlalchemy import false as sa_false
+from sqlalchemy import true as sa_true
 
 # SQLite only auto-numbers an INTEGER PRIMARY KEY; PostgreSQL gets 64 bits. Every table
 # is created with sqlite_autoincrement: SQLite would otherwise hand a deleted row's id to
@@ -70,6 +72,13 @@ lists = Table(
     Column("archive_url", String(500), nullable=True),
     Column("created_at", Double, nullable=False),
     Column("emergency", Boolean, nullable=False, server_default=sa_false()),
+    # Per-member links (RFC 8058 one-click) mean one SMTP transaction per member.
+    Column("personalize", Boolean, nullable=False, server_default=sa_true()),
+    Column("digest_schedule", String(100), nullable=False, server_default="0 7 * * *"),
+    Column("digest_timezone", String(64), nullable=False, server_default="UTC"),
+    Column("digest_max_posts", Integer, nullable=False, server_default="50"),
+    Column("digest_max_bytes", Integer, nullable=False, server_default="1000000"),
+    Column("digest_next_at", Double, nullable=True),
     UniqueConstraint("name", "domain"),
     sqlite_autoincrement=True,
 )
@@ -166,6 +175,9 @@ outbound = Table(
     Column("envelope_from", String(320), nullable=False),
     Column("recipients", Text, nullable=False),
     Column("rcpt_count", Integer, nullable=False),
+    # Each recipient gets their own copy, with the content's placeholder replaced by
+    # their member token; recipients are then "address member_id" lines.
+    Column("personalize", Boolean, nullable=False, server_default=sa_false()),
     Column("tries", Integer, nullable=False),
     Column("first_try_at", Double, nullable=True),
     *_queue_columns(),
@@ -200,6 +212,7 @@ journal = Table(
     Column("event", String(32), nullable=False),
     Column("detail", Text, nullable=False),
     Index(None, "message_id"),
+    Index(None, "list_id", "event"),
     sqlite_autoincrement=True,
 )
 
@@ -275,6 +288,49 @@ list_models = Table(
     Column("model", Text, nullable=False),
     Column("decisions", Integer, nullable=False),
     Column("updated_at", Double, nullable=False),
+)
+
+class BatchState(enum.Enum):
+    """A digest batch collects posts while open; closed, it is sent once."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+    SENT = "sent"
+
+
+digest_batches = Table(
+    "digest_batches", metadata,
+    Column("id", Id, primary_key=True),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("state", String(8), nullable=False),
+    Column("volume", Integer, nullable=True),
+    Column("number", Integer, nullable=True),
+    Column("posts", Integer, nullable=False),
+    Column("bytes", BigInteger, nullable=False),
+    Column("opened_at", Double, nullable=False),
+    Column("closed_at", Double, nullable=True),
+    Column("sent_at", Double, nullable=True),
+    # The issue rendered once per format, with the member placeholder in its links.
+    Column("mime_content_id", Id, ForeignKey("contents.id", ondelete="SET NULL"), nullable=True),
+    Column("plain_content_id", Id, ForeignKey("contents.id", ondelete="SET NULL"),
+           nullable=True),
+    Column("html_content_id", Id, ForeignKey("contents.id", ondelete="SET NULL"), nullable=True),
+    UniqueConstraint("list_id", "volume", "number"),
+    Index(None, "list_id", "state"),
+    # At most one open batch per list, even with several gateways adding posts at once.
+    Index("uq_digest_batches_one_open", "list_id", unique=True,
+          sqlite_where=text("state = 'open'"), postgresql_where=text("state = 'open'")),
+    sqlite_autoincrement=True,
+)
+
+digest_entries = Table(
+    "digest_entries", metadata,
+    Column("id", Id, primary_key=True),
+    Column("batch_id", Id, ForeignKey("digest_batches.id", ondelete="CASCADE"), nullable=False),
+    Column("message_id", Id, ForeignKey("messages.id"), nullable=False),
+    Column("added_at", Double, nullable=False),
+    UniqueConstraint("batch_id", "message_id"),
+    sqlite_autoincrement=True,
 )
 
 QUEUE_TABLES = {"work": work, "outbound": outbound}

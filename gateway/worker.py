@@ -20,10 +20,20 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class Progress:
-    """What one round of a stage did: how many rows, and which stages now have work."""
+    """What one round of a stage did: how many rows, and which stages now have work.
+
+    ``woke`` tells the other stages at once (through ``on_wake``), not at the end of
+    the round: a post's next stage starts while the rest of the batch is processed.
+    """
 
     worked: int = 0
     wake: set[Stage] = field(default_factory=set)
+    on_wake: Callable[..., None] | None = None
+
+    def woke(self, *stages: Stage) -> None:
+        self.wake.update(stages)
+        if self.on_wake is not None:
+            self.on_wake(*stages)
 
 
 class Wakeups:
@@ -46,13 +56,13 @@ class Wakeups:
         event.clear()
 
 
-async def run_stage(stage: Stage, run_once: Callable[[], Progress], wakeups: Wakeups, *,
+async def run_stage(stage: Stage, run_once: Callable[[Progress], Progress], wakeups: Wakeups, *,
                     poll_interval: float, stopping: asyncio.Event) -> None:
     """Run ``run_once`` in a worker thread until ``stopping`` is set."""
     errors = 0
     while not stopping.is_set():
         try:
-            progress = await asyncio.to_thread(run_once)
+            progress = await asyncio.to_thread(run_once, Progress(on_wake=wakeups.notify))
             errors = 0
         except StoreUnavailable as exc:
             errors += 1

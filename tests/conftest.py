@@ -5,11 +5,13 @@ from __future__ import annotations
 import os
 import secrets
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from gateway import lists
+from gateway.authentication import Signer, keygen, zone_txt_value
 from gateway.clock import SystemClock
 from gateway.schema import RoleName
 from gateway.store import Store
@@ -94,3 +96,24 @@ def corpus() -> Path:
     if not CORPUS.is_dir():
         pytest.skip(f"the shared mail corpus is not at {CORPUS}; these tests need it")
     return CORPUS
+
+
+@dataclass(frozen=True)
+class Keys:
+    mods: Signer        # the moderators' own domain
+    evil: Signer        # a domain the attacker controls, with a perfectly valid key
+    members: Signer     # the members' domain (example.net)
+    resolver_records: dict[str, list[str]]
+
+
+@pytest.fixture(scope="session")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
+    directory = tmp_path_factory.mktemp("dkim")
+    records: dict[str, list[str]] = {}
+    signers = {}
+    for domain in ("mods.example", "evil.example", "example.net"):
+        path, record = keygen(domain, "sel", directory)
+        records[f"sel._domainkey.{domain}."] = [zone_txt_value(record)]
+        signers[domain] = Signer(domain, "sel", path.read_bytes())
+    return Keys(signers["mods.example"], signers["evil.example"], signers["example.net"],
+                records)

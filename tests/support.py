@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import smtplib
 import socket
 import subprocess
@@ -162,6 +163,8 @@ def write_config(directory: Path, *, smarthost: str = "", listen: list[str] | No
         if sep:
             delivery[key.strip()] = value.strip()
     delivery_toml = "\n".join(f"{k} = {v}" for k, v in delivery.items())
+    if "[web]" not in sections:
+        sections = f'[web]\nlisten = "http://127.0.0.1:0"\n\n{sections}'
     text = f"""
 [store]
 url = "{store_url or 'sqlite:///listgate.db'}"
@@ -246,6 +249,12 @@ def gateway(config_path: Path, *, clock: Clock | None = None, resolver: Resolver
         yield running
     finally:
         running.stop()
+
+
+def as_sent(data: bytes) -> bytes:
+    """Bytes as a real SMTP client sends them: every line ending CRLF (smtplib does this
+    for str messages only; a file read as bytes keeps its bare LFs or CRs)."""
+    return re.sub(rb"\r\n|\n|\r", b"\r\n", data)
 
 
 def post(sender: str, to: str, subject: str, body: str = "Hello.\n", *,

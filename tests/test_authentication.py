@@ -12,7 +12,7 @@ import socket
 import stat
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dkim
@@ -29,19 +29,18 @@ from gateway.authentication import (
     AuthResults,
     Resolver,
     Signer,
-    SigningError,
-    TemporaryDNSError,
     aligned,
     arc_seal,
     arc_verify,
     dmarc_policy,
     keygen,
     parse_authentication_results,
+    sign_and_seal,
     verify,
     zone_txt_value,
 )
 from gateway.clock import ManualClock
-from gateway.errors import ConfigError
+from gateway.errors import ConfigError, SigningError, TemporaryDNSError
 from tests.support import CORPUS, post
 
 DKIM_DIR = CORPUS / "dkim"
@@ -551,14 +550,72 @@ def test_verify_dmarc_result_follows_policy_and_alignment(keys: Keys) -> None:
 # ------------------------------------------------------------------------- ARC
 
 
-def test_arc_seal_extends_a_passing_chain(keys: Keys, corpus_resolver: Resolver) -> None:
+def _dkimpy_arc(data: bytes, resolver: Resolver) -> bytes | None:
+    """dkimpy's own chain verdict: b"pass", b"fail", b"none", or None (a seal says fail)."""
+    cv: bytes | None = dkim.arc_verify(data, dnsfunc=resolver.dkimpy_dnsfunc())[0]
+    return cv
+
+
+def _instances(data: bytes) -> list[int]:
+    """The i= of each ARC-Seal, top to bottom, as dkimpy reads them."""
+    return [int(dkim.util.parse_tag_value(v)[b"i"]) for n, v in dkim.DKIM(data).headers
+            if n.lower() == b"arc-seal"]
+
+
+def _seal_tags(data: bytes) -> dict[bytes, bytes]:
+    [(name, value)] = [(n, v) for n, v in dkim.DKIM(data).headers[:1]]
+    assert name == b"ARC-Seal"
+    return dict(dkim.util.parse_tag_value(value))
+
+
+def _arc_corpus_params() -> list[object]:
+    if not DKIM_DIR.is_dir():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=NO_CORPUS), id="no-corpus")]
+    return [pytest.param(p, id=p.name) for p in sorted(DKIM_DIR.glob("*.eml"))]
+
+
+# The ARC suite's chains that an earlier hop already sealed with cv=fail.
+TERMINATED = {"arc__cv_fail_i1_as_cv_fail.eml", "arc__cv_fail_i2_as1_fail.eml",
+              "arc__cv_fail_i2_as2_fail.eml"}
+
+
+@pytest.mark.parametrize("path", _arc_corpus_params())
+def test_arc_seal_on_every_corpus_message_validates_with_dkimpy(
+        path: Path, signer: Signer, merged_resolver: Resolver) -> None:
+    """Chains we start (none), extend (pass) and record as broken (fail), as dkimpy sees
+    them: ours is the next instance, cv= is the chain as we received it."""
+    raw = path.read_bytes()
+    results = verify(raw, merged_resolver)
+    before, _sets = dkim.ARC(raw).sorted_arc_headers()
+    if path.name in TERMINATED:
+        assert results.arc == "fail"
+        with pytest.raises(SigningError, match="cannot be continued"):
+            arc_seal(raw, signer=signer, authserv_id=LIST_DOMAIN, results=results)
+        return
+    sealed = arc_seal(raw, signer=signer, authserv_id=LIST_DOMAIN, results=results)
+    tags = _seal_tags(sealed)
+    assert (tags[b"i"], tags[b"cv"]) == (b"%d" % (before + 1), results.arc.encode())
+    assert (tags[b"a"], tags[b"d"], tags[b"s"]) == (b"rsa-sha256", LIST_DOMAIN.encode(), b"rsa")
+    expected = {"none": b"pass", "pass": b"pass", "fail": None}[results.arc]
+    verdict = _dkimpy_arc(sealed, merged_resolver)
+    # dkimpy gives up before our cv=fail seal on a chain it cannot even take apart.
+    assert verdict == expected or (results.arc == "fail" and verdict == b"fail"), verdict
+    assert arc_verify(sealed, merged_resolver) == ("fail" if results.arc == "fail" else "pass")
+
+
+def test_arc_seal_extends_a_passing_chain(keys: Keys, merged_resolver: Resolver) -> None:
     raw = (DKIM_DIR / "arc__cv_pass_i1_1.eml").read_bytes()
-    resolver = _merged(corpus_resolver, keys)
-    results = verify(raw, resolver)
+    results = verify(raw, merged_resolver)
     assert results.arc == "pass"
     sealed = arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN, results=results)
     assert sealed.startswith(b"ARC-Seal: i=2; cv=pass;")
-    assert arc_verify(sealed, resolver) == "pass"
+    assert _dkimpy_arc(sealed, merged_resolver) == b"pass"
+    # A third hop can extend ours in turn.
+    again = verify(sealed, merged_resolver)
+    assert again.arc == "pass"
+    third = arc_seal(sealed, signer=keys.signer(), authserv_id="mx2.example.org", results=again)
+    assert third.startswith(b"ARC-Seal: i=3; cv=pass;")
+    assert _dkimpy_arc(third, merged_resolver) == b"pass"
 
 
 def test_arc_seal_starts_a_chain_and_drops_forged_results_in_our_name(keys: Keys) -> None:
@@ -569,37 +626,212 @@ def test_arc_seal_starts_a_chain_and_drops_forged_results_in_our_name(keys: Keys
     assert results.arc == "none"
     sealed = arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN, results=results)
     assert sealed.startswith(b"ARC-Seal: i=1; cv=none;")
+    assert _dkimpy_arc(sealed, resolver) == b"pass"
     assert arc_verify(sealed, resolver) == "pass"
     assert b"bank.example" not in sealed
     assert b"Authentication-Results: mx.other.example" in sealed  # others' are kept
-    aar = re.search(rb"ARC-Authentication-Results: (.*?)\r\n(?! )", sealed, re.S)
-    assert aar is not None and b"dmarc=none header.from=example.net" in aar.group(1)
+    aar = re.search(rb"ARC-Authentication-Results: (.*?)\r\n(?![ \t])", sealed, re.S)
+    assert aar is not None and aar.group(1).startswith(b"i=1; lists.example.org;")
+    assert b"dmarc=none header.from=example.net" in aar.group(1)
 
 
-def test_arc_seal_records_a_failed_chain(keys: Keys, corpus_resolver: Resolver) -> None:
+def test_arc_seal_message_signature_breaks_when_the_copy_is_altered(keys: Keys) -> None:
+    resolver = keys.resolver()
+    raw = list_copy()
+    sealed = arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN,
+                      results=verify(raw, resolver))
+    for old, new in ((b"Hello, list.", b"Hello, lost."), (b"[Discuss] Hello", b"[Discuss] Bye"),
+                     (b"cv=none", b"cv=pass")):
+        altered = sealed.replace(old, new, 1)
+        assert altered != sealed
+        assert _dkimpy_arc(altered, resolver) == b"fail", old
+
+
+def test_arc_seal_records_a_failed_chain(keys: Keys, merged_resolver: Resolver) -> None:
     raw = (DKIM_DIR / "arc__cv_fail_i1_ams_invalid.eml").read_bytes()
-    resolver = _merged(corpus_resolver, keys)
-    results = verify(raw, resolver)
+    results = verify(raw, merged_resolver)
     assert results.arc == "fail"
     sealed = arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN, results=results)
     assert sealed.startswith(b"ARC-Seal: i=2; cv=fail;")
-    assert arc_verify(sealed, resolver) == "fail"
+    assert arc_verify(sealed, merged_resolver) == "fail"
 
 
-def test_arc_seal_refuses_results_that_do_not_fit_the_message(keys: Keys) -> None:
+def test_arc_seal_after_a_failure_covers_only_its_own_set(
+        keys: Keys, merged_resolver: Resolver) -> None:
+    """RFC 8617 5.1.2. No validator checks a cv=fail seal, so check it by hand: with the
+    broken set i=1 taken out, dkimpy finds our seal valid over our set alone."""
+    raw = (DKIM_DIR / "arc__cv_fail_i1_ams_invalid.eml").read_bytes()
+    sealed = arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN,
+                      results=verify(raw, merged_resolver))
+    head, sep, body = sealed.partition(b"\r\n\r\n")
+    lines = re.split(rb"\r\n(?![ \t])", head)
+    ours = [f for f in lines if re.match(rb"ARC-[A-Za-z-]+: i=2;", f)]
+    assert len(ours) == 3
+    others = [f for f in lines if not f.lower().startswith(b"arc-")]
+    alone = b"\r\n".join(ours + others) + sep + body
+    checker = dkim.ARC(alone)
+    _max, sets = checker.sorted_arc_headers()
+    result = checker.verify_instance(sets, 2, dnsfunc=merged_resolver.dkimpy_dnsfunc())
+    assert result["as-valid"] and result["ams-valid"]
+    # And not over the broken chain: with i=1 back, the same seal no longer verifies.
+    checker = dkim.ARC(sealed)
+    _max, sets = checker.sorted_arc_headers()
+    try:
+        result = checker.verify_instance(sets, 2, dnsfunc=merged_resolver.dkimpy_dnsfunc())
+    except dkim.DKIMException:
+        return
+    assert not result["as-valid"]
+
+
+def test_arc_seal_refuses_results_that_do_not_fit_the_message(
+        keys: Keys, merged_resolver: Resolver) -> None:
     raw = list_copy()
     results = verify(raw, keys.resolver())
-    wrong = AuthResults(**{**results.__dict__, "arc": "pass"})
+    for arc in ("pass", "fail"):
+        wrong = replace(results, arc=arc)
+        with pytest.raises(SigningError, match="no ARC chain"):
+            arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN, results=wrong)
+    chained = (DKIM_DIR / "arc__cv_pass_i1_1.eml").read_bytes()
+    with pytest.raises(SigningError, match="verify it before sealing"):
+        arc_seal(chained, signer=keys.signer(), authserv_id=LIST_DOMAIN, results=results)
+    # A set missing its seal cannot be a passing chain, whatever the caller says.
+    incomplete = re.sub(rb"ARC-Seal:.*?\r\n(?=\S)", b"", chained, count=1, flags=re.S)
+    assert b"ARC-Seal" not in incomplete
+    assert verify(incomplete, merged_resolver).arc == "fail"
+    with pytest.raises(SigningError, match="not complete"):
+        arc_seal(incomplete, signer=keys.signer(), authserv_id=LIST_DOMAIN,
+                 results=replace(results, arc="pass"))
+    with pytest.raises(ConfigError, match="authserv-id"):
+        arc_seal(raw, signer=keys.signer(), authserv_id="lists example", results=results)
+
+
+@pytest.mark.parametrize(("field", "arc"), [
+    # No i= at all: no set, no chain (dkimpy says none too).
+    ("ARC-Seal: a=rsa-sha256; cv=pass; d=example.net; s=x; b=AAAA", "none"),
+    # dkimpy reads header.i=1234@ as instance 1234 and fails the chain; it is no set.
+    ("ARC-Authentication-Results: mx.example.net; dkim=pass header.i=1234@example.net",
+     "fail"),
+])
+def test_arc_seal_unreadable_arc_fields_start_a_chain_that_says_so(
+        keys: Keys, field: str, arc: str) -> None:
+    raw = post("bob@example.net", f"discuss@{LIST_DOMAIN}", "Hi", extra_headers=field + "\r\n")
+    resolver = keys.resolver()
+    results = verify(raw, resolver)
+    assert results.arc == arc
+    sealed = arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN, results=results)
+    assert sealed.startswith(f"ARC-Seal: i=1; cv={arc};".encode())
+    assert arc_verify(sealed, resolver) == ("pass" if arc == "none" else "fail")
+
+
+def test_arc_seal_refuses_a_fifty_first_set(keys: Keys) -> None:
+    fifty = "".join(f"ARC-Authentication-Results: i={i}; mx.example.net; arc=pass\r\n"
+                    for i in range(50, 0, -1))
+    raw = post("bob@example.net", f"discuss@{LIST_DOMAIN}", "Hi", extra_headers=fifty)
+    results = replace(verify(raw, keys.resolver()), arc="fail")
+    with pytest.raises(SigningError, match="i=50"):
+        arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN, results=results)
+
+
+def test_arc_seal_timestamp_comes_from_the_clock(keys: Keys) -> None:
+    raw = list_copy()
+    results = verify(raw, keys.resolver())
+    sealed = arc_seal(raw, signer=keys.signer(clock=ManualClock(1_900_000_000.0)),
+                      authserv_id=LIST_DOMAIN, results=results)
+    assert _seal_tags(sealed)[b"t"] == b"1900000000"
+    name, value = dkim.DKIM(sealed).headers[1]
+    assert name == b"ARC-Message-Signature"
+    assert dkim.util.parse_tag_value(value)[b"t"] == b"1900000000"
+
+
+# ------------------------------------------------------------- sign and seal
+
+
+def test_sign_and_seal_puts_the_arc_set_over_our_dkim_signature(
+        keys: Keys, merged_resolver: Resolver) -> None:
+    raw = (DKIM_DIR / "arc__cv_pass_i2_1.eml").read_bytes()
+    results = verify(raw, merged_resolver)
+    copy = sign_and_seal(raw, signer=keys.signer(ed25519=True), arc=(LIST_DOMAIN, results))
+    checker = dkim.DKIM(copy)
+    names = [n.decode() for n, _v in checker.headers]
+    assert names[:7] == ["ARC-Seal", "ARC-Message-Signature", "ARC-Authentication-Results",
+                         "DKIM-Signature", "DKIM-Signature", "Authentication-Results",
+                         "MIME-Version"]
+    ams = dkim.util.parse_tag_value(checker.headers[1][1])
+    h = [n.strip() for n in ams[b"h"].decode().split(":")]
+    assert h.count("dkim-signature") == 2  # RFC 8617 4.1.2: the AMS covers our signatures
+    assert not {"authentication-results", "arc-seal", "arc-authentication-results"} & set(h)
+    assert _dkimpy_arc(copy, merged_resolver) == b"pass"
+    assert _dkimpy_verifies(copy, merged_resolver) and _dkimpy_verifies(copy, merged_resolver, 1)
+    ours = verify(copy, merged_resolver)
+    assert ours.dkim == ((LIST_DOMAIN, "pass"), (LIST_DOMAIN, "pass")) and ours.arc == "pass"
+    # One clock reading for all of it.
+    stamps = {dkim.util.parse_tag_value(v)[b"t"] for n, v in checker.headers[:4]
+              if n != b"ARC-Authentication-Results"}
+    assert len(stamps) == 1
+
+
+def test_sign_and_seal_without_arc_is_dkim_signing(keys: Keys) -> None:
+    clock = ManualClock(1_900_000_000.0)
+    raw = list_copy()
+    assert sign_and_seal(raw, signer=keys.signer(clock=clock), arc=None) \
+        == keys.signer(clock=clock).sign(raw)
+
+
+def test_sign_and_seal_a_copy_altered_on_the_way_fails_both(keys: Keys) -> None:
+    resolver = keys.resolver()
+    raw = list_copy(sender="bob@example.net")
+    copy = sign_and_seal(raw, signer=keys.signer(), arc=(LIST_DOMAIN, verify(raw, resolver)))
+    assert _dkimpy_arc(copy, resolver) == b"pass" and _dkimpy_verifies(copy, resolver)
+    altered = copy.replace(b"Hello, list.", b"Hello, lost.")
+    assert _dkimpy_arc(altered, resolver) == b"fail"
+    assert not _dkimpy_verifies(altered, resolver)
+
+
+def test_sign_and_seal_does_not_continue_a_chain_already_sealed_failed(
+        keys: Keys, merged_resolver: Resolver) -> None:
+    raw = (DKIM_DIR / "arc__cv_fail_i2_as2_fail.eml").read_bytes()
+    results = verify(raw, merged_resolver)
+    clock = ManualClock(1_900_000_000.0)
+    copy = sign_and_seal(raw, signer=keys.signer(clock=clock), arc=(LIST_DOMAIN, results))
+    assert copy == keys.signer(clock=clock).sign(raw)
+    assert _instances(copy) == _instances(raw) == [2, 1]
+
+
+@pytest.mark.parametrize("path", _odd_params())
+def test_sign_and_seal_odd_message_verifies(path: Path, signer: Signer, keys: Keys) -> None:
+    resolver = keys.resolver()
+    raw = path.read_bytes()
+    results = verify(raw, resolver)
+    copy = sign_and_seal(raw, signer=signer, arc=(LIST_DOMAIN, results))
+    assert _dkimpy_verifies(copy, resolver)
+    if results.arc != "fail":  # a broken chain stays broken, sealed or not
+        assert _dkimpy_arc(copy, resolver) == b"pass"
+
+
+def test_sign_and_seal_refuses_results_that_do_not_fit(keys: Keys) -> None:
+    raw = list_copy()
+    wrong = replace(verify(raw, keys.resolver()), arc="pass")
     with pytest.raises(SigningError, match="no ARC chain"):
-        arc_seal(raw, signer=keys.signer(), authserv_id=LIST_DOMAIN, results=wrong)
+        sign_and_seal(raw, signer=keys.signer(), arc=(LIST_DOMAIN, wrong))
 
 
-def _merged(corpus_resolver: Resolver, keys: Keys) -> Resolver:
+@pytest.fixture(scope="module")
+def signer(keys: Keys) -> Signer:
+    """One signer for many messages (loading a key checks it: a tenth of a second)."""
+    return keys.signer()
+
+
+@pytest.fixture(scope="module")
+def merged_resolver(keys: Keys) -> Resolver:
+    """The corpus's keys and ours."""
+    if not DKIM_DIR.is_dir():
+        pytest.skip(NO_CORPUS)
     records: dict[str, list[str]] = collections.defaultdict(list)
     with open(DKIM_DIR / "keys.tsv", newline="", encoding="utf-8") as f:
         for row in csv.DictReader(f, delimiter="\t"):
             records[row["name"]].append(row["txt_record"])
     records[f"rsa._domainkey.{LIST_DOMAIN}"] = [zone_txt_value(keys.rsa_record)]
+    records[f"ed._domainkey.{LIST_DOMAIN}"] = [zone_txt_value(keys.ed_record)]
     return Resolver(records=records)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections import Counter
 from pathlib import Path
 
+import pytest
 import sqlalchemy as sa
 
 from gateway import lists
@@ -20,6 +21,14 @@ from tests.support import Sink, gateway, post, wait_until
 
 RETRY_INITIAL = 60.0  # [delivery] retry_initial in tests.support.write_config
 ALICE, BOB, CAROL = MEMBERS
+
+
+@pytest.fixture(autouse=True)
+def bulk_delivery(config_path: Path, store: Store) -> None:
+    """These tests are about SMTP transactions: the list in bulk mode, so that one
+    transaction carries many recipients (per-member links would give each their own)."""
+    with store.write() as conn:
+        lists.update(conn, lists.get(conn, LIST), personalize=False)
 
 
 def outbound_rows(store: Store) -> list[sa.Row[tuple[object, ...]]]:

@@ -19,15 +19,14 @@ import pytest
 from gateway.decorate import ListIdentity
 from gateway.digestformats import (
     FORMATS,
-    PLACEHOLDER,
     DigestIssue,
     DigestPost,
     html_to_text,
-    personalise,
     render,
 )
 from gateway.errors import ConfigError
 from gateway.message import decode_header
+from gateway.signing import PLACEHOLDER, personalise
 from gateway.templates import Templates
 from tests.support import REPO, post
 

@@ -15,7 +15,15 @@ from gateway import lists
 from gateway.schema import State, messages, outbound, work
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS
-from tests.support import CORE_POLICY, GatewayProcess, Sink, free_port, post, wait_until, write_config
+from tests.support import (
+    CORE_POLICY,
+    GatewayProcess,
+    Sink,
+    free_port,
+    post,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 

@@ -12,45 +12,23 @@ import email
 import email.policy
 import re
 import threading
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
 from gateway import lists
-from gateway.authentication import Resolver, Signer, keygen, zone_txt_value
+from gateway.authentication import Resolver, Signer
 from gateway.clock import ManualClock
 from gateway.schema import RoleName, held, journal
 from gateway.store import Store
-from tests.conftest import LIST, MEMBERS
+from tests.conftest import LIST, MEMBERS, Keys
 from tests.support import RunningGateway, Sink, gateway, post, wait_until, write_config
 
 MODERATOR = "mod@mods.example"
 MODERATOR_2 = "other-mod@mods.example"
 NEWBIE = "newbie@example.net"
 OTHER_LIST = "other@example.org"
-
-
-@dataclass(frozen=True)
-class Keys:
-    mods: Signer        # the moderators' own domain
-    evil: Signer        # a domain the attacker controls, with a perfectly valid key
-    members: Signer     # the members' domain (example.net)
-    resolver_records: dict[str, list[str]]
-
-
-@pytest.fixture(scope="session")
-def keys(tmp_path_factory: pytest.TempPathFactory) -> Keys:
-    directory = tmp_path_factory.mktemp("dkim")
-    records: dict[str, list[str]] = {}
-    signers = {}
-    for domain in ("mods.example", "evil.example", "example.net"):
-        path, record = keygen(domain, "sel", directory)
-        records[f"sel._domainkey.{domain}."] = [zone_txt_value(record)]
-        signers[domain] = Signer(domain, "sel", path.read_bytes())
-    return Keys(signers["mods.example"], signers["evil.example"], signers["example.net"],
-                records)
 
 
 @pytest.fixture

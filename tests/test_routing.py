@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from gateway import addresses
 from gateway.errors import AddressError
+from gateway.message import split
 from gateway.routing import (
     RESERVED_SUFFIXES,
     ROUTES,
@@ -248,3 +251,13 @@ def test_addresses_header_addresses_skip_junk() -> None:
 ])
 def test_addresses_first_address(value: str | None, first: str | None) -> None:
     assert addresses.first_address(value) == first
+
+
+def test_addresses_hostile_address_header_does_not_exhaust_the_stack(corpus: Path) -> None:
+    # 130 kB of nested groups: the stdlib parser recurses once per group.
+    parts = split((corpus / "odd" / "mimekit__stack-overflow.txt.eml").read_bytes())
+    to = parts.get_all("To")
+    assert len(to[0]) > 100_000
+    assert isinstance(addresses.header_addresses(to), list)
+    found = addresses.first_address(to[0])
+    assert found is None or "@" in found
