@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import hashlib
+import json
 import logging
 import os
 import re
@@ -1132,3 +1134,58 @@ def _complete(sets: Mapping[int, list[tuple[str, bytes]]]) -> bool:
     wanted = sorted(n.lower() for n in ARC_FIELDS)
     return (sorted(sets) == list(range(1, len(sets) + 1))
             and all(sorted(name for name, _ in fields) == wanted for fields in sets.values()))
+
+
+# ------------------------------------------------------------------- keys per domain
+
+
+class SigningKeys:
+    """The DKIM signer of each list domain, from ``<selector>._domainkey.<domain>.key``
+    files (as keygen() writes them), each loaded once. A domain without a key file
+    gets None: its mail goes out unsigned, and that is logged once."""
+
+    def __init__(self, directory: Path, *, selector: str, ed25519_selector: str = "",
+                 clock: Clock | None = None) -> None:
+        self.directory = directory
+        self.selector = selector
+        self.ed25519_selector = ed25519_selector
+        self.clock = clock
+        self._signers: dict[str, Signer | None] = {}
+        self._lock = threading.Lock()
+
+    def path(self, selector: str, domain: str) -> Path:
+        return self.directory / f"{selector}._domainkey.{domain}.key"
+
+    def for_domain(self, domain: str) -> Signer | None:
+        domain = domain.lower()
+        with self._lock:
+            if domain in self._signers:
+                return self._signers[domain]
+        key = self.path(self.selector, domain)
+        signer: Signer | None = None
+        if key.exists():
+            ed = self.path(self.ed25519_selector, domain) if self.ed25519_selector else None
+            has_ed = ed is not None and ed.exists()
+            signer = Signer.from_files(
+                domain, self.selector, key,
+                ed25519_selector=self.ed25519_selector if has_ed else None,
+                ed25519_key_path=ed if has_ed else None, clock=self.clock)
+            log.info("DKIM: signing mail of %s with selector %s%s", domain, self.selector,
+                     f" and ed25519 selector {self.ed25519_selector}" if has_ed else "")
+        else:
+            log.warning("DKIM: no key %s: mail of %s goes out unsigned "
+                        "(make one with `listgate dkim keygen %s`)", key, domain, domain)
+        with self._lock:
+            self._signers[domain] = signer
+        return signer
+
+
+def results_to_json(results: AuthResults) -> str:
+    """AuthResults as stored with a post's content (for the ARC sets of its copies)."""
+    return json.dumps(dataclasses.asdict(results))
+
+
+def results_from_json(text: str) -> AuthResults:
+    data = json.loads(text)
+    data["dkim"] = tuple(tuple(pair) for pair in data["dkim"])
+    return AuthResults(**data)

@@ -312,6 +312,9 @@ def lists_show(obj: Context, address: str) -> None:
 @click.option("--personalize", type=click.Choice(["on", "off"]),
               help="Per-member one-click unsubscribe links (RFC 8058): one SMTP transaction "
                    "per member. Off: bulk transactions, mailto unsubscribe only.")
+@click.option("--dmarc-mitigation", type=click.Choice(["rewrite", "wrap", "none"]),
+              help="Posts from domains with DMARC p=reject/quarantine: rewrite From to the "
+                   "list (default), wrap the post as an attachment, or send as is (RFC 7960).")
 @click.option("--digest-schedule", metavar="CRON",
               help='When digests go out: a cron expression, e.g. "0 7 * * *" (daily, 07:00).')
 @click.option("--digest-timezone", metavar="ZONE", help="Time zone of the schedule, e.g. UTC.")
@@ -322,7 +325,8 @@ def lists_show(obj: Context, address: str) -> None:
 @click.pass_obj
 @fail_cleanly
 def lists_set(obj: Context, address: str, emergency: str | None, personalize: str | None,
-              digest_schedule: str | None, digest_timezone: str | None,
+              dmarc_mitigation: str | None, digest_schedule: str | None,
+              digest_timezone: str | None,
               digest_max_posts: int | None, digest_max_bytes: int | None) -> None:
     """Change a list's settings."""
     from gateway import digest
@@ -332,6 +336,8 @@ def lists_set(obj: Context, address: str, emergency: str | None, personalize: st
         changes["emergency"] = emergency == "on"
     if personalize is not None:
         changes["personalize"] = personalize == "on"
+    if dmarc_mitigation is not None:
+        changes["dmarc_mitigation"] = dmarc_mitigation
     if digest_schedule is not None:
         changes["digest_schedule"] = digest_schedule
     if digest_timezone is not None:
@@ -954,3 +960,111 @@ def digest_send(obj: Context, list_address: str) -> None:
     if not closed:
         raise NotFound(f"{lst.address} has no posts waiting for its next digest")
     out.print(f"{lst.address}: digest closed; the running gateway sends it now")
+
+
+# -- DKIM -------------------------------------------------------------------------------------
+
+@main.group("dkim")
+def dkim_group() -> None:
+    """Keys that sign everything the gateway sends."""
+
+
+@dkim_group.command("keygen")
+@click.argument("domain")
+@click.option("--selector", help="The DKIM selector (default: [dkim] selector).")
+@click.option("--bits", type=click.IntRange(2048, 4096), default=2048, show_default=True)
+@click.option("--ed25519", is_flag=True, help="An ed25519 key instead (a second signature).")
+@click.pass_obj
+@fail_cleanly
+def dkim_keygen(obj: Context, domain: str, selector: str | None, bits: int,
+                ed25519: bool) -> None:
+    """Make a signing key for DOMAIN and print the DNS TXT record to publish."""
+    from gateway.authentication import keygen
+
+    config = obj.config()
+    selector = selector or (config.dkim.ed25519_selector if ed25519 else config.dkim.selector)
+    if not selector:
+        raise click.UsageError("give --selector (no [dkim] ed25519_selector is configured)")
+    config.dkim.directory.mkdir(parents=True, exist_ok=True)
+    path, record = keygen(addresses.normalise_domain(domain), selector, config.dkim.directory,
+                          bits=bits, ed25519=ed25519)
+    err.print(f"wrote {path} (mode 0600); publish this record, then restart the gateway:")
+    click.echo(record)
+
+
+# -- bounces ------------------------------------------------------------------------------
+
+@main.group("bounces")
+def bounces_group() -> None:
+    """Members whose mail bounces: scores, disabled delivery, enabling it again."""
+
+
+@bounces_group.command("ls")
+@click.argument("list_address", metavar="LIST")
+@click.pass_obj
+@fail_cleanly
+def bounces_ls(obj: Context, list_address: str) -> None:
+    """LIST's members with a bounce score or with delivery disabled."""
+    from gateway import bounces
+
+    with obj.store() as store, store.read() as conn:
+        lst = lists.get(conn, list_address)
+        found = bounces.members_with_bounces(conn, lst)
+    table = Table("member", "score", "last counted bounce", "delivery", "disabled since",
+                  "last probe")
+    for m in found:
+        table.add_row(m.address, f"{m.bounce_score:g}", when(m.bounce_last_at),
+                      "enabled" if m.enabled else "disabled", when(m.disabled_at),
+                      when(m.probe_sent_at))
+    out.print(table)
+    out.print(f"{len(found)} member(s) with bounces on {lst.address}")
+
+
+@bounces_group.command("show")
+@click.argument("list_address", metavar="LIST")
+@click.argument("address")
+@click.pass_obj
+@fail_cleanly
+def bounces_show(obj: Context, list_address: str, address: str) -> None:
+    """A member's bounce score, state and every bounce recorded (also after removal)."""
+    from gateway import bounces
+
+    addr = addresses.normalise(address)
+    with obj.store() as store, store.read() as conn:
+        lst = lists.get(conn, list_address)
+        member = lists.find_member(conn, lst.id, [addr])
+        events = bounces.events_of(conn, lst, addr)
+    if member is None and not events:
+        raise NotFound(f"{addr} is not a member of {lst.address} and has no bounces there")
+    t = Table(show_header=False)
+    t.add_row("member", addr if member else f"{addr} (not a member now)")
+    if member is not None:
+        t.add_row("score", f"{member.bounce_score:g}")
+        t.add_row("last counted bounce", when(member.bounce_last_at))
+        t.add_row("delivery", "enabled" if member.enabled else
+                  f"disabled since {when(member.disabled_at)}: {member.disabled_reason or '-'}")
+        t.add_row("last probe", when(member.probe_sent_at))
+    out.print(t)
+    table = Table("when", "kind", "source", "counted", "detail")
+    for e in events:
+        table.add_row(when(e.at), "hard" if e.permanent else "soft", e.source,
+                      "yes" if e.counted else "no", e.detail[:120])
+    out.print(table)
+    out.print(f"{len(events)} bounce(s)")
+
+
+@bounces_group.command("reset")
+@click.argument("list_address", metavar="LIST")
+@click.argument("address")
+@click.pass_obj
+@fail_cleanly
+def bounces_reset(obj: Context, list_address: str, address: str) -> None:
+    """Enable delivery to a member again and clear their bounce score."""
+    from gateway import bounces
+
+    addr = addresses.normalise(address)
+    with obj.store() as store, store.write() as conn:
+        lst = lists.get(conn, list_address)
+        if not bounces.reenable(conn, lst, addr, now=now(), by="listgate bounces reset"):
+            raise NotFound(f"{addr} is not a member of {lst.address}")
+    out.print(f"{addr}: delivery from {lst.address} enabled, bounce score cleared")

@@ -8,6 +8,10 @@ policy demands (a valid DKIM signature of the From domain, or the verdict of
 a trusted front MTA); and its first written line (or subject) is a verb.
 Forgeries change nothing and get no reply, except that a moderator is told
 why a reply from their own address was refused.
+
+A reply to a subscription confirmation or to a bounce probe counts when its
+From is the address the token was sent to, its envelope sender is the same,
+and it does not fail DMARC; a probe answered enables delivery to the member again.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
-from gateway import authentication, holds, journal, lists, queue, selfservice, tokens
+from gateway import authentication, bounces, holds, journal, lists, queue, selfservice, tokens
 from gateway.clock import Clock
 from gateway.errors import LeaseLost
 from gateway.facts import Envelope, MessageFacts, message_facts, why_not_notify
@@ -123,6 +127,8 @@ class Commands:
             self._moderator(r, lst, r.token, progress)
         elif r.token.kind is tokens.Kind.WITHDRAW:
             self._poster(r, lst, r.token, progress)
+        elif r.token.kind is tokens.Kind.PROBE:
+            self._probe(r, lst, r.token, progress)
         else:
             self._subscription(r, lst, r.token, progress)
 
@@ -282,6 +288,27 @@ class Commands:
             self._complete(conn, r)
             result = selfservice.confirm(conn, lst, token, by=sender, now=now,
                                          templates=self.templates, message_id=r.message_id)
+            self._record(conn, r, lst, "confirmed", result)
+        progress.woke(Stage.DELIVERY)
+
+    def _probe(self, r: Reply, lst: MailingList, token: tokens.Token,
+               progress: Progress) -> None:
+        """A reply to a bounce probe: the member is there after all, so delivery resumes."""
+        sender = r.facts.author or ""
+        if sender != token.address or not same_sender(sender, r.envelope.mail_from):
+            self._finish(r, lst, "confirm-refused",
+                         f"{sender or 'no From'} is not the member this probe was sent to")
+            return
+        auth = authentication.verify(r.raw, self.resolver,
+                                     trusted_authserv_ids=self.trusted_authserv_ids)
+        if auth.dmarc == "fail":
+            self._finish(r, lst, "confirm-refused", f"probe reply from {sender} fails DMARC")
+            return
+        now = self.clock.now()
+        with self.store.write() as conn:
+            self._complete(conn, r)
+            result = bounces.answered(conn, lst, token, by=sender, now=now,
+                                      templates=self.templates, message_id=r.message_id)
             self._record(conn, r, lst, "confirmed", result)
         progress.woke(Stage.DELIVERY)
 

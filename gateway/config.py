@@ -129,6 +129,30 @@ class ModerationConfig:
 
 
 @dataclass(frozen=True)
+class DKIMConfig:
+    """Signing what the gateway sends: one key per list domain, made by `listgate dkim keygen`.
+
+    A domain with no key file is sent unsigned (and the log says so at start).
+    """
+
+    directory: Path = Path("dkim")     # <selector>._domainkey.<domain>.key files, mode 0600
+    selector: str = "listgate"
+    ed25519_selector: str = ""         # a second, ed25519 signature when set
+    arc: bool = True                   # seal posts with an ARC set (RFC 8617)
+    authserv_id: str = ""              # in our ARC-Authentication-Results; default: hostname
+
+
+@dataclass(frozen=True)
+class BouncesConfig:
+    """Bounce scoring, as GNU Mailman does it."""
+
+    threshold: float = 5.0           # score at which delivery to a member is disabled
+    stale_after: Seconds = Seconds(7 * 86400)  # a score not raised for this long starts over
+    remove_after: Seconds = Seconds(21 * 86400)  # disabled and silent this long: removed
+    probe_interval: Seconds = Seconds(7 * 86400)  # between "are you still there?" probes
+
+
+@dataclass(frozen=True)
 class DNSConfig:
     """The resolver used for DKIM keys and DMARC records."""
 
@@ -174,6 +198,8 @@ class Config:
     moderation: ModerationConfig = field(default_factory=ModerationConfig)
     digest: DigestConfig = field(default_factory=DigestConfig)
     dns: DNSConfig = field(default_factory=DNSConfig)
+    dkim: DKIMConfig = field(default_factory=DKIMConfig)
+    bounces: BouncesConfig = field(default_factory=BouncesConfig)
     web: WebConfig = field(default_factory=WebConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
     log: LogConfig = field(default_factory=LogConfig)
@@ -257,6 +283,8 @@ def _from_env(kind: Any, text: str) -> Any:
         return [part.strip() for part in text.split(",") if part.strip()]
     if kind is int:
         return int(text) if re.fullmatch(r"-?\d+", text.strip()) else text
+    if kind is float:
+        return float(text) if re.fullmatch(r"-?\d+(\.\d+)?", text.strip()) else text
     if kind is bool:
         return {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}.get(
             text.strip().lower(), text)
@@ -274,6 +302,10 @@ def _convert(kind: Any, value: Any, root: Path) -> Any:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ValueError("an integer")
         return value
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError("a number")
+        return float(value)
     if kind is str:
         if not isinstance(value, str):
             raise ValueError("a string")

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from gateway import learning, promo, queue
-from gateway.authentication import Resolver
+from gateway.authentication import Resolver, SigningKeys
 from gateway.clock import Clock, SystemClock
 from gateway.commands import Commands
 from gateway.config import Config, parse_listener, store_url
@@ -164,13 +164,18 @@ class Daemon:
             (Stage.FANOUT, Fanout(store, clock=self.clock, claimer=claimer, templates=templates,
                                   hostname=config.hostname, chunk=config.fanout.chunk,
                                   max_recipients=config.delivery.max_recipients,
-                                  public_url=public_url, retry_delay=retry).run_once),
+                                  resolver=resolver, trusted_authserv_ids=trusted,
+                                  arc=config.dkim.arc, public_url=public_url,
+                                  retry_delay=retry).run_once),
             (Stage.DIGEST, digest.run_once),
             (Stage.OWNER, Owner(store, clock=self.clock, claimer=claimer,
                                 hostname=config.hostname, retry_delay=retry).run_once),
         ]
+        keys = SigningKeys(config.dkim.directory, selector=config.dkim.selector,
+                           ed25519_selector=config.dkim.ed25519_selector, clock=self.clock)
         delivery = Delivery(store, transport, clock=self.clock, claimer=claimer,
-                            config=config.delivery, retry_delay=retry, signer=signer)
+                            config=config.delivery, retry_delay=retry, link_signer=signer,
+                            keys=keys, authserv_id=config.dkim.authserv_id or config.hostname)
         poll = config.queue.poll_interval
         tasks = [asyncio.create_task(run_stage(stage, run_once, wakeups, poll_interval=poll,
                                                stopping=stopping), name=stage.value)

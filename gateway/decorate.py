@@ -15,34 +15,13 @@ import quopri
 import re
 from dataclasses import dataclass
 
+from gateway import dmarc
 from gateway import headers as h
+from gateway.identity import ListIdentity
 from gateway.message import CRLF, Parts, content_type, decode_header, normalise_eol, split
 from gateway.signing import PLACEHOLDER, defang
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ListIdentity:
-    """What decoration needs to know about a list."""
-
-    name: str
-    domain: str
-    display_name: str
-    subject_prefix: str
-    archive_url: str | None
-
-    @property
-    def post_address(self) -> str:
-        return f"{self.name}@{self.domain}"
-
-    def address(self, suffix: str) -> str:
-        return f"{self.name}-{suffix}@{self.domain}"
-
-    @property
-    def list_id(self) -> str:
-        """The RFC 2919 identifier: the list address with '@' replaced by '.'."""
-        return f"{self.name}.{self.domain}"
 
 
 @dataclass(frozen=True)
@@ -111,10 +90,13 @@ def message_id_for(raw: bytes, domain: str) -> str:
 
 
 def decorate_post(raw: bytes, lst: ListIdentity, *, footer: str, trace: Trace,
-                  links_base: str | None = None) -> bytes:
+                  links_base: str | None = None, rewrite_from: bool = False) -> bytes:
     """The copy of a post that regular members receive. With ``links_base``, it carries
-    the member placeholder in its links, for delivery to make each member's copy."""
+    the member placeholder in its links, for delivery to make each member's copy. With
+    ``rewrite_from``, the From is the list's (DMARC mitigation, RFC 7960)."""
     parts = split(defang(raw))
+    if rewrite_from:
+        dmarc.rewrite_from(parts, lst)
     parts.remove(*h.LIST_FIELDS)
     parts.remove(h.X_LOOP)
     parts.prepend(h.RECEIVED, received_field(trace))

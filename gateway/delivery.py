@@ -24,9 +24,11 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
 from gateway import outgoing, queue
+from gateway.authentication import AuthResults, SigningKeys, results_from_json, sign_and_seal
 from gateway.clock import Clock
 from gateway.config import DeliveryConfig
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError
+from gateway.dsn import verp_encode
+from gateway.errors import PermanentDeliveryError, SigningError, TransientDeliveryError
 from gateway.queue import Claimer
 from gateway.routing import Stage
 from gateway.schema import contents, delivery_failures, outbound
@@ -70,28 +72,36 @@ class Result:
     crash: str | None = None
 
 
+@dataclass(frozen=True)
+class Content:
+    data: bytes
+    auth: AuthResults | None  # how the post authenticated as received: for ARC sets
+    signed: bytes | None = None  # the one signed copy, when every recipient gets the same
+
+
 class ContentCache:
     """Recently sent contents, so a post fanned out in many batches is read once."""
 
     def __init__(self, limit_bytes: int = 64 * 1024 * 1024) -> None:
-        self._items: OrderedDict[int, bytes] = OrderedDict()
+        self._items: OrderedDict[int, Content] = OrderedDict()
         self._size = 0
         self._limit = limit_bytes
 
-    def get(self, content_id: int) -> bytes | None:
-        data = self._items.get(content_id)
-        if data is not None:
+    def get(self, content_id: int) -> Content | None:
+        content = self._items.get(content_id)
+        if content is not None:
             self._items.move_to_end(content_id)
-        return data
+        return content
 
-    def put(self, content_id: int, data: bytes) -> None:
-        if content_id in self._items:
-            return
-        self._items[content_id] = data
-        self._size += len(data)
+    def put(self, content_id: int, content: Content) -> None:
+        old = self._items.pop(content_id, None)
+        if old is not None:
+            self._size -= len(old.data) + len(old.signed or b"")
+        self._items[content_id] = content
+        self._size += len(content.data) + len(content.signed or b"")
         while self._size > self._limit and len(self._items) > 1:
-            _id, old = self._items.popitem(last=False)
-            self._size -= len(old)
+            _id, gone = self._items.popitem(last=False)
+            self._size -= len(gone.data) + len(gone.signed or b"")
 
 
 class Delivery:
@@ -99,8 +109,11 @@ class Delivery:
 
     def __init__(self, store: Store, transport: Transport, *, clock: Clock, claimer: Claimer,
                  config: DeliveryConfig, retry_delay: float,
-                 signer: LinkSigner | None = None) -> None:
-        self.signer = signer
+                 link_signer: LinkSigner | None = None, keys: SigningKeys | None = None,
+                 authserv_id: str = "") -> None:
+        self.link_signer = link_signer
+        self.keys = keys
+        self.authserv_id = authserv_id
         self.store = store
         self.transport = transport
         self.clock = clock
@@ -171,9 +184,10 @@ class Delivery:
         missing = sorted({r.content_id for r in rows if self.cache.get(r.content_id) is None})
         if missing:
             with self.store.read() as conn:
-                for cid, data in conn.execute(sa.select(contents.c.id, contents.c.data)
-                                              .where(contents.c.id.in_(missing))):
-                    self.cache.put(cid, data)
+                for cid, data, auth in conn.execute(
+                        sa.select(contents.c.id, contents.c.data, contents.c.auth)
+                        .where(contents.c.id.in_(missing))):
+                    self.cache.put(cid, Content(data, results_from_json(auth) if auth else None))
         return [Job(r.id, r.content_id, r.kind, r.list_id, r.message_id, r.envelope_from,
                     tuple(r.recipients.split("\n")), r.tries, r.first_try_at, r.personalize)
                 for r in rows]
@@ -187,14 +201,18 @@ class Delivery:
             if job is None:
                 return
             started = self.clock.now()
-            data = self.cache.get(job.content_id)
+            content = self.cache.get(job.content_id)
             try:
-                if data is None:
-                    data = await asyncio.to_thread(self._load_content, job.content_id)
+                if content is None:
+                    content = await asyncio.to_thread(self._load_content, job.content_id)
                 if job.personalize:
-                    outcome = await self._send_each(job, data)
+                    outcome = await self._send_each(job, content)
                 else:
-                    outcome = await self.transport.send(job.envelope_from, job.recipients, data)
+                    if content.signed is None:
+                        content = await asyncio.to_thread(self._sign_once, job, content)
+                    assert content.signed is not None
+                    outcome = await self.transport.send(job.envelope_from, job.recipients,
+                                                        content.signed)
                 result = Result(job, started, outcome=outcome)
             except (TransientDeliveryError, PermanentDeliveryError) as exc:
                 result = Result(job, started, error=exc)
@@ -203,37 +221,69 @@ class Delivery:
                 result = Result(job, started, crash=f"{type(exc).__name__}: {exc}")
             results.put_nowait(result)
 
-    async def _send_each(self, job: Job, data: bytes) -> Outcome:
+    def _sign(self, job: Job, content: Content, data: bytes) -> bytes:
+        """DKIM-sign a copy with its list domain's key, with an ARC set for posts."""
+        signer = self.keys.for_domain(job.envelope_from.rpartition("@")[2]) \
+            if self.keys else None
+        if signer is None:
+            return data
+        arc = (self.authserv_id, content.auth) \
+            if content.auth is not None and job.kind == outgoing.Kind.POST.value else None
+        try:
+            return sign_and_seal(data, signer=signer, arc=arc)
+        except SigningError as exc:
+            log.warning("outbound=%s: not sealed (%s); DKIM-signed only", job.id, exc)
+            return signer.sign(data)
+
+    def _sign_once(self, job: Job, content: Content) -> Content:
+        signed = Content(content.data, content.auth, self._sign(job, content, content.data))
+        self.cache.put(job.content_id, signed)
+        return signed
+
+    def _copies(self, job: Job, content: Content) -> list[tuple[str, str, bytes]]:
+        """Each member's own copy: their links, their signature, their VERP return path
+        (so that a bounce names them). CPU work, done in a worker thread."""
+        assert self.link_signer is not None and job.list_id is not None
+        bounces, _, domain = job.envelope_from.partition("@")
+        list_name = bounces.removesuffix("-bounces")
+        copies = []
+        for line in job.lines:
+            address, _sep, member_id = line.partition(" ")
+            token = self.link_signer.member_token(job.list_id, int(member_id), address)
+            data = self._sign(job, content, personalise(content.data, token))
+            copies.append((address, verp_encode(list_name, domain, address), data))
+        return copies
+
+    async def _send_each(self, job: Job, content: Content) -> Outcome:
         """Personalised delivery: one transaction per member, each with their own links.
         A failure of the whole transaction is that member's; a connection failure
         defers everyone not yet sent (no point knocking on a closed door 100 times)."""
-        if self.signer is None or job.list_id is None:
+        if self.link_signer is None or job.list_id is None:
             raise TransientDeliveryError(451, "personal links need the web endpoint's key")
         refused: dict[str, Reply] = {}
         reply = ""
-        pending = [line.partition(" ") for line in job.lines]
-        for i, (address, _sep, member_id) in enumerate(pending):
-            token = self.signer.member_token(job.list_id, int(member_id), address)
+        pending = await asyncio.to_thread(self._copies, job, content)
+        for i, (address, envelope_from, data) in enumerate(pending):
             try:
-                outcome = await self.transport.send(job.envelope_from, [address],
-                                                    personalise(data, token))
+                outcome = await self.transport.send(envelope_from, [address], data)
             except PermanentDeliveryError as exc:
                 refused[address] = Reply(exc.code, exc.text)
                 continue
             except TransientDeliveryError as exc:
-                for rest, _s, _m in pending[i:]:
+                for rest, _envelope, _data in pending[i:]:
                     refused[rest] = Reply(exc.code if exc.code < 500 else 451, exc.text)
                 break
             refused.update(outcome.refused)
             reply = outcome.reply
         return Outcome(refused, reply)
 
-    def _load_content(self, content_id: int) -> bytes:
+    def _load_content(self, content_id: int) -> Content:
         with self.store.read() as conn:
-            data: bytes = conn.execute(sa.select(contents.c.data)
-                                       .where(contents.c.id == content_id)).scalar_one()
-        self.cache.put(content_id, data)
-        return data
+            row = conn.execute(sa.select(contents.c.data, contents.c.auth)
+                               .where(contents.c.id == content_id)).one()
+        content = Content(row.data, results_from_json(row.auth) if row.auth else None)
+        self.cache.put(content_id, content)
+        return content
 
     # -- recording ---------------------------------------------------------------------
 

@@ -24,8 +24,9 @@ from datetime import UTC, datetime
 from html.parser import HTMLParser
 
 from gateway import headers as h
-from gateway.decorate import ListIdentity, list_fields, message_id_for
+from gateway.decorate import list_fields, message_id_for
 from gateway.errors import ConfigError
+from gateway.identity import ListIdentity
 from gateway.message import CRLF, Parts, decode_header, make_field, parse, split
 from gateway.signing import DEFANGED, PLACEHOLDER
 from gateway.templates import Templates

@@ -30,8 +30,8 @@ import re
 from email.utils import getaddresses
 
 from gateway import headers as h
-from gateway.decorate import ListIdentity
 from gateway.errors import ConfigError
+from gateway.identity import ListIdentity
 from gateway.message import CRLF, Field, Parts, decode_header, normalise_eol, split
 
 X_ORIGINAL_FROM = "X-Original-From"

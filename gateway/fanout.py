@@ -14,10 +14,11 @@ import logging
 import sqlalchemy as sa
 from sqlalchemy.engine import Row
 
-from gateway import digest, journal, lists, outgoing, queue
+from gateway import authentication, digest, dmarc, journal, lists, outgoing, queue
 from gateway.clock import Clock
 from gateway.decorate import Trace, decorate_post
 from gateway.errors import LeaseLost
+from gateway.facts import message_facts
 from gateway.lists import MailingList
 from gateway.queue import Claimer
 from gateway.routing import Stage
@@ -35,8 +36,12 @@ class Fanout:
 
     def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, templates: Templates,
                  hostname: str, chunk: int, max_recipients: int, retry_delay: float,
-                 public_url: str = "", batch: int = 8) -> None:
+                 resolver: authentication.Resolver, trusted_authserv_ids: tuple[str, ...] = (),
+                 arc: bool = False, public_url: str = "", batch: int = 8) -> None:
         self.public_url = public_url
+        self.resolver = resolver
+        self.trusted_authserv_ids = trusted_authserv_ids
+        self.arc = arc
         self.store = store
         self.clock = clock
         self.claimer = claimer
@@ -130,11 +135,31 @@ class Fanout:
         trace = Trace(helo=msg.helo, peer=msg.peer, hostname=self.hostname,
                       protocol=msg.protocol, queue_id=msg.id, recipient=lst.address,
                       received_at=msg.received_at)
-        data = decorate_post(msg.raw, lst.identity, footer=footer, trace=trace,
-                             links_base=links)
+        auth = authentication.verify(msg.raw, self.resolver,
+                                     trusted_authserv_ids=self.trusted_authserv_ids,
+                                     use="either" if self.trusted_authserv_ids else "dkim")
+        mitigation = dmarc.Mitigation(lst.dmarc_mitigation)
+        # A policy we could not look up is treated as strict: rewriting costs little,
+        # a rejected copy costs a member their subscription (bounces).
+        mitigate = mitigation is not dmarc.Mitigation.NONE and (
+            dmarc.needs_mitigation(auth.dmarc_policy) or auth.dmarc == "temperror")
+        raw = msg.raw
+        if mitigate and mitigation is dmarc.Mitigation.WRAP:
+            raw = dmarc.wrap(raw, lst.identity, subject=message_facts(msg.raw).subject)
+        data = decorate_post(raw, lst.identity, footer=footer, trace=trace, links_base=links,
+                             rewrite_from=mitigate and mitigation is dmarc.Mitigation.REWRITE)
+        # The copies' ARC sets vouch for how the post authenticated as it came in; a
+        # wrapped post is a new message from the list, with no chain of its own.
+        arc_results = authentication.results_to_json(auth) \
+            if self.arc and not (mitigate and mitigation is dmarc.Mitigation.WRAP) else None
         now = self.clock.now()
         with self.store.write() as conn:
-            content_id = outgoing.add_content(conn, data, now=now)
+            content_id = outgoing.add_content(conn, data, now=now, auth=arc_results)
+            if mitigate:
+                journal.record(conn, now=now, stage=self.stage, event="dmarc-mitigated",
+                               message_id=msg.id, list_id=lst.id,
+                               detail=f"{auth.from_domain} publishes p={auth.dmarc_policy} "
+                                      f"(dmarc={auth.dmarc}): {mitigation.value}")
             # In the transaction that marks this post's content made: it joins the
             # digest batch exactly once, however often this fanout is retried.
             if digest.add_post(conn, lst, message_id=msg.id, size=msg.size, now=now):

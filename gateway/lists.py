@@ -11,8 +11,8 @@ from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
 from gateway import addresses, routing
-from gateway.decorate import ListIdentity
 from gateway.errors import AddressError, Conflict, NotFound
+from gateway.identity import ListIdentity
 from gateway.schema import Mode, RoleName, lists, members, roles, senders
 from gateway.store import Store
 
@@ -34,6 +34,7 @@ class MailingList:
     digest_max_posts: int = 50
     digest_max_bytes: int = 1_000_000
     digest_next_at: float | None = None
+    dmarc_mitigation: str = "rewrite"
 
     @property
     def address(self) -> str:
@@ -54,7 +55,8 @@ class MailingList:
         return cls(m["id"], m["name"], m["domain"], m["display_name"], m["description"],
                    m["subject_prefix"], m["archive_url"], m["created_at"], m["emergency"],
                    m["personalize"], m["digest_schedule"], m["digest_timezone"],
-                   m["digest_max_posts"], m["digest_max_bytes"], m["digest_next_at"])
+                   m["digest_max_posts"], m["digest_max_bytes"], m["digest_next_at"],
+                   m["dmarc_mitigation"])
 
     def links_base(self, public_url: str) -> str | None:
         """Where this list's per-member links live, or None when links are not personal
@@ -70,12 +72,18 @@ class Member:
     display_name: str
     mode: Mode
     enabled: bool
+    bounce_score: float = 0.0
+    bounce_last_at: float | None = None
+    disabled_at: float | None = None
+    disabled_reason: str | None = None
+    probe_sent_at: float | None = None
 
     @classmethod
     def from_row(cls, row: Row[tuple[object, ...]]) -> Member:
         m = row._mapping
         return cls(m["id"], m["list_id"], m["address"], m["display_name"], Mode(m["mode"]),
-                   m["enabled"])
+                   m["enabled"], m["bounce_score"], m["bounce_last_at"], m["disabled_at"],
+                   m["disabled_reason"], m["probe_sent_at"])
 
 
 def split_list_address(address: str) -> tuple[str, str]:
@@ -256,7 +264,8 @@ def set_emergency(conn: Connection, lst: MailingList, on: bool) -> None:
     conn.execute(sa.update(lists).where(lists.c.id == lst.id).values(emergency=on))
 
 
-SETTINGS = frozenset({"emergency", "personalize", "digest_schedule", "digest_timezone",
+SETTINGS = frozenset({"emergency", "personalize", "dmarc_mitigation",
+                      "digest_schedule", "digest_timezone",
                       "digest_max_posts", "digest_max_bytes", "digest_next_at",
                       "display_name", "description", "subject_prefix", "archive_url"})
 

@@ -17,7 +17,7 @@ from sqlalchemy.engine import Connection
 
 from gateway import headers as h
 from gateway import outgoing
-from gateway.decorate import ListIdentity
+from gateway.identity import ListIdentity
 
 
 @dataclass(frozen=True)

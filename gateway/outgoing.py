@@ -20,9 +20,11 @@ class Kind(enum.Enum):
     FORWARD = "forward"
 
 
-def add_content(conn: Connection, data: bytes, *, now: float) -> int:
+def add_content(conn: Connection, data: bytes, *, now: float, auth: str | None = None) -> int:
+    """Store content to send; ``auth`` is the post's authentication results (JSON), for
+    the ARC set each copy gets."""
     return int(conn.execute(
-        contents.insert().values(created_at=now, data=data).returning(contents.c.id)
+        contents.insert().values(created_at=now, data=data, auth=auth).returning(contents.c.id)
     ).scalar_one())
 
 

@@ -18,8 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gateway.authentication import AuthResults
-from gateway.decorate import ListIdentity
 from gateway.facts import Envelope, MessageFacts, SenderFacts
+from gateway.identity import ListIdentity
 from gateway.promo import PromoScore
 
 

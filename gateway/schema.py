@@ -79,6 +79,9 @@ lists = Table(
     Column("digest_max_posts", Integer, nullable=False, server_default="50"),
     Column("digest_max_bytes", Integer, nullable=False, server_default="1000000"),
     Column("digest_next_at", Double, nullable=True),
+    # When the poster's domain publishes DMARC p=reject/quarantine: "rewrite" From to the
+    # list, "wrap" the post as an attachment, or "none" (RFC 7960).
+    Column("dmarc_mitigation", String(8), nullable=False, server_default="rewrite"),
     UniqueConstraint("name", "domain"),
     sqlite_autoincrement=True,
 )
@@ -92,6 +95,13 @@ members = Table(
     Column("mode", String(16), nullable=False),
     Column("enabled", Boolean, nullable=False),
     Column("created_at", Double, nullable=False),
+    # Bounce scoring (as GNU Mailman): hard bounces count 1, soft 0.5, one per day;
+    # a stale score starts over; past the threshold delivery is disabled.
+    Column("bounce_score", Double, nullable=False, server_default="0"),
+    Column("bounce_last_at", Double, nullable=True),
+    Column("disabled_at", Double, nullable=True),
+    Column("disabled_reason", String(200), nullable=True),
+    Column("probe_sent_at", Double, nullable=True),
     UniqueConstraint("list_id", "address"),
     Index(None, "list_id", "mode", "id"),
     sqlite_autoincrement=True,
@@ -129,6 +139,8 @@ contents = Table(
     Column("id", Id, primary_key=True),
     Column("created_at", Double, nullable=False),
     Column("data", LargeBinary, nullable=False),
+    # How the post as received authenticated (JSON), for the ARC set each copy gets.
+    Column("auth", Text, nullable=True),
     sqlite_autoincrement=True,
 )
 
@@ -197,7 +209,9 @@ delivery_failures = Table(
     Column("text", Text, nullable=False),
     Column("permanent", Boolean, nullable=False),
     Column("kind", String(16), nullable=False),
+    Column("processed", Boolean, nullable=False, server_default=sa_false()),
     Index(None, "list_id", "address"),
+    Index(None, "processed"),
     sqlite_autoincrement=True,
 )
 
@@ -330,6 +344,21 @@ digest_entries = Table(
     Column("message_id", Id, ForeignKey("messages.id"), nullable=False),
     Column("added_at", Double, nullable=False),
     UniqueConstraint("batch_id", "message_id"),
+    sqlite_autoincrement=True,
+)
+
+# Every bounce attributed to a member: from a DSN, a VERP address, or the smarthost's 5xx.
+bounce_events = Table(
+    "bounce_events", metadata,
+    Column("id", Id, primary_key=True),
+    Column("at", Double, nullable=False),
+    Column("list_id", Id, ForeignKey("lists.id", ondelete="CASCADE"), nullable=False),
+    Column("address", String(320), nullable=False),
+    Column("permanent", Boolean, nullable=False),
+    Column("source", String(8), nullable=False),  # "dsn", "verp", "smtp", "probe"
+    Column("counted", Boolean, nullable=False),  # False: same day as the last counted one
+    Column("detail", Text, nullable=False),
+    Index(None, "list_id", "address"),
     sqlite_autoincrement=True,
 )
 

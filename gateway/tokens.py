@@ -30,6 +30,7 @@ class Kind(enum.Enum):
     WITHDRAW = "withdraw"  # the poster: withdraw their own held post
     SUBSCRIBE = "subscribe"
     UNSUBSCRIBE = "unsubscribe"
+    PROBE = "probe"        # a member whose delivery bounces: "I am still here"
 
 
 @dataclass(frozen=True)

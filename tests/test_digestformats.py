@@ -16,7 +16,6 @@ import jinja2
 import mailparser
 import pytest
 
-from gateway.decorate import ListIdentity
 from gateway.digestformats import (
     FORMATS,
     DigestIssue,
@@ -25,6 +24,7 @@ from gateway.digestformats import (
     render,
 )
 from gateway.errors import ConfigError
+from gateway.identity import ListIdentity
 from gateway.message import decode_header
 from gateway.signing import PLACEHOLDER, personalise
 from gateway.templates import Templates

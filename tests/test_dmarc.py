@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 
 from gateway.authentication import Resolver, verify
-from gateway.decorate import ListIdentity, Trace, decorate_post
+from gateway.decorate import Trace, decorate_post
+from gateway.identity import ListIdentity
 from gateway.dmarc import Mitigation, needs_mitigation, rewrite_from, wrap
 from gateway.errors import ConfigError
 from gateway.message import normalise_eol, split

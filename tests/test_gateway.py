@@ -36,7 +36,9 @@ def test_gateway_member_post_reaches_every_regular_member_decorated(
         copies = sink.wait_for(len(MEMBERS))
     assert sorted(r for r, _d in copies) == sorted(MEMBERS)
     received = sink.handler.messages
-    assert all(m.mail_from == "discuss-bounces@example.org" for m in received)
+    # Each member's copy has its own return path, naming them (VERP).
+    assert sorted(m.mail_from for m in received) == sorted(
+        f"discuss-bounces+{a.replace('@', '=')}@example.org" for a in MEMBERS)
     msg = parse(copies[0][1])
     assert msg["List-Id"] == '"Discuss" <discuss.example.org>'
     assert msg["List-Post"] == "<mailto:discuss@example.org>"

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from gateway import resources
-from gateway.decorate import ListIdentity
 from gateway.errors import ConfigError
 from gateway.facts import Envelope, SenderFacts, message_facts
+from gateway.identity import ListIdentity
 from gateway.lists import Member
 from gateway.policy import Action, Chain, Policies, Step, _params, decide, load_file, parse
 from gateway.rules import RULES, NoParams, Post, loop, non_member

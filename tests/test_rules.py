@@ -8,8 +8,8 @@ import pytest
 
 from gateway import promo
 from gateway.authentication import AuthResults
-from gateway.decorate import ListIdentity
 from gateway.facts import Envelope, SenderFacts, message_facts
+from gateway.identity import ListIdentity
 from gateway.lists import Member
 from gateway.policy import Action, Chain, Step, decide
 from gateway.replytext import own_text
