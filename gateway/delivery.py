@@ -28,7 +28,12 @@ from gateway.authentication import AuthResults, SigningKeys, results_from_json, 
 from gateway.clock import Clock
 from gateway.config import DeliveryConfig
 from gateway.dsn import verp_encode
-from gateway.errors import PermanentDeliveryError, SigningError, TransientDeliveryError
+from gateway.errors import (
+    DeliveryError,
+    PermanentDeliveryError,
+    SigningError,
+    TransientDeliveryError,
+)
 from gateway.queue import Claimer
 from gateway.routing import Stage
 from gateway.schema import contents, delivery_failures, outbound
@@ -255,26 +260,21 @@ class Delivery:
         return copies
 
     async def _send_each(self, job: Job, content: Content) -> Outcome:
-        """Personalised delivery: one transaction per member, each with their own links.
-        A failure of the whole transaction is that member's; a connection failure
-        defers everyone not yet sent (no point knocking on a closed door 100 times)."""
+        """Personalised delivery: one transaction per member, each with their own links,
+        all on one connection. A failure of a whole transaction is that member's."""
         if self.link_signer is None or job.list_id is None:
             raise TransientDeliveryError(451, "personal links need the web endpoint's key")
+        copies = await asyncio.to_thread(self._copies, job, content)
+        results = await self.transport.send_many(
+            [(envelope_from, [address], data) for address, envelope_from, data in copies])
         refused: dict[str, Reply] = {}
         reply = ""
-        pending = await asyncio.to_thread(self._copies, job, content)
-        for i, (address, envelope_from, data) in enumerate(pending):
-            try:
-                outcome = await self.transport.send(envelope_from, [address], data)
-            except PermanentDeliveryError as exc:
-                refused[address] = Reply(exc.code, exc.text)
-                continue
-            except TransientDeliveryError as exc:
-                for rest, _envelope, _data in pending[i:]:
-                    refused[rest] = Reply(exc.code if exc.code < 500 else 451, exc.text)
-                break
-            refused.update(outcome.refused)
-            reply = outcome.reply
+        for (address, _envelope_from, _data), result in zip(copies, results, strict=True):
+            if isinstance(result, DeliveryError):
+                refused[address] = Reply(result.code if result.code >= 400 else 451, result.text)
+            else:
+                refused.update(result.refused)
+                reply = result.reply
         return Outcome(refused, reply)
 
     def _load_content(self, content_id: int) -> Content:
@@ -303,37 +303,41 @@ class Delivery:
 
     def _record(self, batch: Iterable[Result]) -> None:
         with self.store.write() as conn:
+            finished: set[int] = set()
             for result in batch:
-                self._record_one(conn, result)
+                if self._record_one(conn, result):
+                    finished.add(result.job.content_id)
+            # Once per content, not per row: a post's rows finish together.
+            for content_id in finished:
+                outgoing.drop_unused_content(conn, content_id)
 
-    def _record_one(self, conn: Connection, r: Result) -> None:
+    def _record_one(self, conn: Connection, r: Result) -> bool:
+        """Record one outcome; True if the row is finished (deleted)."""
         job, now = r.job, self.clock.now()
         where = f"outbound={job.id} kind={job.kind} list_id={job.list_id} queue_id={job.message_id}"
         first_try = job.first_try_at or r.started_at
         if r.crash is not None:
             queue.fail(conn, outbound, job.id, self.claimer, now=now, error=r.crash,
                        retry_delay=self.retry_delay)
-            return
+            return False
         if isinstance(r.error, PermanentDeliveryError):
             reply = Reply(r.error.code, r.error.text)
             self._failures(conn, job, {rcpt: reply for rcpt in job.recipients}, now)
             log.warning("failed %s rcpts=%d: %s", where, len(job.recipients), r.error)
-            self._finish(conn, job)
-            return
+            return self._finish(conn, job)
         if r.error is not None:
             if now - first_try >= self.config.lifetime:
                 reply = Reply(r.error.code, f"gave up after {self.config.lifetime:.0f}s: "
                                             f"{r.error.text}")
                 self._failures(conn, job, {rcpt: reply for rcpt in job.recipients}, now)
                 log.warning("expired %s rcpts=%d: %s", where, len(job.recipients), r.error)
-                self._finish(conn, job)
-                return
+                return self._finish(conn, job)
             due = now + self._backoff(job.tries)
             queue.release(conn, outbound, job.id, self.claimer, now=now, due_at=due,
                           note=str(r.error), tries=job.tries + 1, first_try_at=first_try)
             log.info("deferred %s rcpts=%d until +%.0fs: %s", where, len(job.recipients),
                      due - now, r.error)
-            return
+            return False
         assert r.outcome is not None
         permanent = {a: rep for a, rep in r.outcome.refused.items() if rep.code >= 500}
         later = [a for a, rep in r.outcome.refused.items() if rep.code < 500]
@@ -350,20 +354,20 @@ class Delivery:
                           tries=job.tries + 1, first_try_at=first_try)
             log.info("delivered %s rcpts=%d, deferred %d, failed %d", where, delivered,
                      len(later), len(permanent))
-            return
+            return False
         if later:
             self._failures(conn, job, {a: r.outcome.refused[a] for a in later}, now)
         first_line = r.outcome.reply.splitlines()[0] if r.outcome.reply else ""
         log.info("delivered %s rcpts=%d failed=%d: %s", where, delivered,
                  len(permanent) + len(later), first_line)
-        self._finish(conn, job)
+        return self._finish(conn, job)
 
-    def _finish(self, conn: Connection, job: Job) -> None:
+    def _finish(self, conn: Connection, job: Job) -> bool:
         if not queue.complete(conn, outbound, job.id, self.claimer):
             log.warning("outbound row %s: lease lost before its outcome was recorded; "
                         "another worker may send it again", job.id)
-            return
-        outgoing.drop_unused_content(conn, job.content_id)
+            return False
+        return True
 
     def _failures(self, conn: Connection, job: Job, refused: dict[str, Reply], now: float) -> None:
         conn.execute(delivery_failures.insert(), [

@@ -19,7 +19,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError
+from gateway.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,10 @@ class Outcome:
 
     refused: dict[str, Reply] = field(default_factory=dict)
     reply: str = ""
+
+
+# (envelope sender, recipients, message) of one transaction
+Envelope = tuple[str, Sequence[str], bytes]
 
 
 @dataclass(frozen=True)
@@ -99,6 +103,7 @@ class SMTPClient:
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.extensions: dict[str, str] = {}
+        self._buffer = bytearray()
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -188,54 +193,110 @@ class SMTPClient:
     async def send(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Outcome:
         """One transaction. Raises for a failure of the whole transaction; per-recipient
         refusals are in the outcome."""
+        result = (await self.send_many([(mail_from, recipients, data)]))[0]
+        if isinstance(result, DeliveryError):
+            raise result
+        return result
+
+    async def send_many(self, items: Sequence[Envelope]) -> list[Outcome | DeliveryError]:
+        """Several transactions on this connection, each one's outcome or error in order.
+
+        With PIPELINING, a message's content and its final dot go out in the same write
+        as the next transaction's MAIL, RCPTs and DATA (RFC 2920 3.1 allows message
+        content to start a group): one round trip per message, however many there are.
+        A lost connection fails everything not yet finished as temporary.
+        """
         if not self.connected:
             await self.connect()
-        limit = self.size_limit
-        if limit is not None and len(data) > limit:
-            raise PermanentDeliveryError(552, f"message of {len(data)} bytes exceeds the "
-                                              f"smarthost's SIZE limit of {limit}")
-        payload = dot_stuff(data)
+        if "PIPELINING" not in self.extensions:
+            return [await self._lockstep_one(*item) for item in items]
+        results: list[Outcome | DeliveryError | None] = [None] * len(items)
+        prefix = b""              # what precedes the next group: a content, or RSET
+        owner: int | None = None  # the item whose content (and final reply) that is
+        refused_of: dict[int, dict[str, Reply]] = {}
+        try:
+            for i, (mail_from, recipients, data) in enumerate(items):
+                limit = self.size_limit
+                if limit is not None and len(data) > limit:
+                    results[i] = PermanentDeliveryError(
+                        552, f"message of {len(data)} bytes exceeds the smarthost's SIZE "
+                             f"limit of {limit}")
+                    continue
+                commands = self._envelope(mail_from, recipients, data)
+                self._write(prefix + "".join(c + "\r\n" for c in commands).encode("utf-8"))
+                replies = await self._replies(len(commands) + (1 if prefix else 0))
+                if prefix:
+                    self._settle(results, owner, replies.pop(0), refused_of)
+                mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
+                refused = {r: reply for r, reply in zip(recipients, rcpt_replies, strict=True)
+                           if not reply.ok}
+                if not mail_reply.ok:
+                    results[i] = mail_reply.error(f"MAIL FROM:<{mail_from}>")
+                elif len(refused) == len(recipients):
+                    results[i] = Outcome(refused, "all recipients refused")
+                elif data_reply.code != 354:
+                    results[i] = data_reply.error("DATA")
+                else:
+                    prefix, owner, refused_of[i] = dot_stuff(data), i, refused
+                    continue
+                prefix, owner = b"RSET\r\n", None  # leave the failed transaction
+            if prefix:
+                self._write(prefix)
+                self._settle(results, owner, (await self._replies(1))[0], refused_of)
+        except TransientDeliveryError as exc:
+            await self.close()  # in an unknown state: never reuse it
+            return [r if r is not None else exc for r in results]
+        return [r if r is not None else TransientDeliveryError(421, "not sent")
+                for r in results]
+
+    def _envelope(self, mail_from: str, recipients: Sequence[str], data: bytes) -> list[str]:
         params = []
         if "SIZE" in self.extensions:
             params.append(f"SIZE={len(data)}")
         if "8BITMIME" in self.extensions and not data.isascii():
             params.append("BODY=8BITMIME")
-        mail = " ".join([f"MAIL FROM:<{mail_from}>", *params])
-        rcpts = [f"RCPT TO:<{r}>" for r in recipients]
-        if "PIPELINING" in self.extensions:
-            replies = await self._pipeline([mail, *rcpts, "DATA"])
-        else:
-            replies = await self._lockstep(mail, rcpts)
-        mail_reply, rcpt_replies, data_reply = replies[0], replies[1:-1], replies[-1]
-        if not mail_reply.ok:
-            await self._reset()
-            raise mail_reply.error(f"MAIL FROM:<{mail_from}>")
-        refused = {r: reply for r, reply in zip(recipients, rcpt_replies, strict=True)
-                   if not reply.ok}
-        if len(refused) == len(recipients):
-            await self._reset()
-            return Outcome(refused, "all recipients refused")
-        if data_reply.code != 354:
-            await self._reset()
-            raise data_reply.error("DATA")
-        self._write(payload)
-        final = await self._read()
-        if not final.ok:
-            raise final.error("end of DATA")
-        return Outcome(refused, final.text)
+        return [" ".join([f"MAIL FROM:<{mail_from}>", *params]),
+                *(f"RCPT TO:<{r}>" for r in recipients), "DATA"]
 
-    async def _pipeline(self, commands: list[str]) -> list[Reply]:
-        self._write("".join(c + "\r\n" for c in commands).encode("utf-8"))
-        return [await self._read() for _ in commands]
+    @staticmethod
+    def _settle(results: list[Outcome | DeliveryError | None], owner: int | None,
+                reply: Reply, refused_of: dict[int, dict[str, Reply]]) -> None:
+        """The reply to what preceded a group: a content's final reply, or RSET's."""
+        if owner is None:
+            if not reply.ok:
+                raise TransientDeliveryError(reply.code, f"RSET refused: {reply.text}")
+            return
+        results[owner] = Outcome(refused_of.pop(owner), reply.text) if reply.ok \
+            else reply.error("end of DATA")
 
-    async def _lockstep(self, mail: str, rcpts: list[str]) -> list[Reply]:
-        mail_reply = await self._command(mail)
-        if not mail_reply.ok:
-            return [mail_reply, *[Reply(503, "not sent")] * len(rcpts), Reply(503, "not sent")]
-        replies = [await self._command(r) for r in rcpts]
-        if not any(r.ok for r in replies):
-            return [mail_reply, *replies, Reply(503, "no valid recipients")]
-        return [mail_reply, *replies, await self._command("DATA")]
+    async def _lockstep_one(self, mail_from: str, recipients: Sequence[str],
+                            data: bytes) -> Outcome | DeliveryError:
+        """One transaction, one command at a time, for servers without PIPELINING."""
+        try:
+            limit = self.size_limit
+            if limit is not None and len(data) > limit:
+                return PermanentDeliveryError(552, f"message of {len(data)} bytes exceeds the "
+                                                   f"smarthost's SIZE limit of {limit}")
+            mail, *rcpts, data_command = self._envelope(mail_from, recipients, data)
+            mail_reply = await self._command(mail)
+            if not mail_reply.ok:
+                await self._reset()
+                return mail_reply.error(f"MAIL FROM:<{mail_from}>")
+            replies = [await self._command(r) for r in rcpts]
+            refused = {r: reply for r, reply in zip(recipients, replies, strict=True)
+                       if not reply.ok}
+            if len(refused) == len(recipients):
+                await self._reset()
+                return Outcome(refused, "all recipients refused")
+            data_reply = await self._command(data_command)
+            if data_reply.code != 354:
+                await self._reset()
+                return data_reply.error("DATA")
+            self._write(dot_stuff(data))
+            final = await self._read()
+            return Outcome(refused, final.text) if final.ok else final.error("end of DATA")
+        except TransientDeliveryError as exc:
+            return exc
 
     async def _reset(self) -> None:
         reply = await self._command("RSET")
@@ -252,6 +313,7 @@ class SMTPClient:
 
     async def close(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
+        self._buffer.clear()
         if writer is not None:
             writer.close()
             try:
@@ -272,22 +334,47 @@ class SMTPClient:
         self._writer.write(data)
 
     async def _read(self) -> Reply:
+        return (await self._replies(1))[0]
+
+    async def _replies(self, count: int) -> list[Reply]:
+        """The next ``count`` replies, under one timeout for them all. Replies are parsed
+        from what arrives in bulk: a pipelined group's replies often come in one packet."""
         if self._reader is None or self._writer is None:
             raise TransientDeliveryError(421, "connection to smarthost lost")
-        lines = []
+        replies: list[Reply] = []
         try:
-            await asyncio.wait_for(self._writer.drain(), self.settings.timeout)
-            while True:
-                raw = await asyncio.wait_for(self._reader.readline(), self.settings.timeout)
-                if not raw.endswith(b"\n"):
-                    raise ConnectionError("smarthost closed the connection")
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                if len(line) < 3 or not line[:3].isdigit():
-                    raise ConnectionError(f"smarthost sent a malformed reply: {line[:100]!r}")
-                lines.append(line[4:])
-                if line[3:4] != "-":
-                    return Reply(int(line[:3]), "\n".join(lines))
-        except (OSError, TimeoutError, ValueError, asyncio.LimitOverrunError) as exc:
+            async with asyncio.timeout(self.settings.timeout):
+                await self._writer.drain()
+                while len(replies) < count:
+                    reply = self._parse_reply()
+                    if reply is not None:
+                        replies.append(reply)
+                        continue
+                    data = await self._reader.read(65536)
+                    if not data:
+                        raise ConnectionError("smarthost closed the connection")
+                    self._buffer += data
+                    if len(self._buffer) > _LINE_LIMIT * 64:
+                        raise ConnectionError("smarthost sent an endless reply")
+        except (OSError, TimeoutError, ValueError) as exc:
             await self.close()
             raise TransientDeliveryError(
                 421, f"smarthost connection failed: {exc or type(exc).__name__}") from exc
+        return replies
+
+    def _parse_reply(self) -> Reply | None:
+        """One complete (possibly multi-line) reply off the front of the buffer, or None."""
+        lines = []
+        pos = 0
+        while True:
+            end = self._buffer.find(b"\n", pos)
+            if end == -1:
+                return None
+            line = bytes(self._buffer[pos:end]).rstrip(b"\r").decode("utf-8", "replace")
+            pos = end + 1
+            if len(line) < 3 or not line[:3].isdigit():
+                raise ValueError(f"smarthost sent a malformed reply: {line[:100]!r}")
+            lines.append(line[4:])
+            if line[3:4] != "-":
+                del self._buffer[:pos]
+                return Reply(int(line[:3]), "\n".join(lines))

@@ -18,12 +18,14 @@ from pathlib import Path
 from typing import Protocol
 
 from gateway.config import DeliveryConfig, parse_smarthost
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError
-from gateway.smtpclient import Outcome, Settings, SMTPClient
+from gateway.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
+from gateway.smtpclient import Envelope, Outcome, Settings, SMTPClient
 
 
 class Transport(Protocol):
     async def send(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Outcome: ...
+
+    async def send_many(self, items: Sequence[Envelope]) -> list[Outcome | DeliveryError]: ...
 
     async def close(self) -> None: ...
 
@@ -55,6 +57,21 @@ class SMTPTransport:
             self._keep(client)
             return outcome
 
+    async def send_many(self, items: Sequence[Envelope]) -> list[Outcome | DeliveryError]:
+        """Many transactions on one connection (see SMTPClient.send_many)."""
+        async with self._slots:
+            client = self._idle.pop() if self._idle else SMTPClient(self.settings)
+            try:
+                results = await client.send_many(items)
+            except TransientDeliveryError as exc:  # could not even connect
+                await client.close()
+                return [exc] * len(items)
+            except BaseException:
+                await client.close()
+                raise
+            self._keep(client)
+            return results
+
     def _keep(self, client: SMTPClient) -> None:
         if client.connected:
             self._idle.append(client)
@@ -81,6 +98,15 @@ class OutboxTransport:
         except OSError as exc:
             raise TransientDeliveryError(451, f"cannot write to the outbox: {exc}") from exc
         return Outcome({}, f"written to {self.root / 'new'}")
+
+    async def send_many(self, items: Sequence[Envelope]) -> list[Outcome | DeliveryError]:
+        results: list[Outcome | DeliveryError] = []
+        for mail_from, recipients, data in items:
+            try:
+                results.append(await self.send(mail_from, recipients, data))
+            except TransientDeliveryError as exc:
+                results.append(exc)
+        return results
 
     def _write_all(self, mail_from: str, recipients: list[str], data: bytes) -> None:
         tmp, new = self.root / "tmp", self.root / "new"

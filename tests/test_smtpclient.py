@@ -6,16 +6,16 @@ import asyncio
 import email
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import pytest
 
 from gateway.config import DeliveryConfig
-from gateway.errors import PermanentDeliveryError, TransientDeliveryError
+from gateway.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from gateway.smtpclient import MAX_LINE, Outcome, Settings, SMTPClient, dot_stuff
 from gateway.transport import OutboxTransport, SMTPTransport, build
 from tests.helpers_unit import SizedSink
-from tests.support import Sink, free_port, post
+from tests.support import Sink, SinkHandler, free_port, post
 
 T = TypeVar("T")
 SENDER = "discuss-bounces@example.org"
@@ -95,6 +95,79 @@ def test_smtpclient_all_recipients_refused_sends_no_data(sink: Sink) -> None:
                                                                "b@example.net": 451}
     assert ok.refused == {}
     assert [m.rcpt_tos for m in sink.handler.messages] == [["c@example.net"]]
+
+
+def test_smtpclient_send_many_gives_each_transaction_its_own_outcome(sink: Sink) -> None:
+    """Pipelined transactions back to back: a refusal of one leaves the others alone,
+    and the outcomes come back in the order of the envelopes."""
+    sink.handler.rcpt_replies.update({"gone@example.net": "550 5.1.1 No such user",
+                                      "busy@example.net": "450 4.2.1 Mailbox busy"})
+    addresses = ["m0@example.net", "gone@example.net", "m2@example.net",
+                 "busy@example.net", "m4@example.net"]
+    items = [(SENDER, [a], MESSAGE.replace(b"Body text.", f"For {a}.".encode()))
+             for a in addresses]
+
+    async def action(client: SMTPClient) -> list[Outcome | DeliveryError]:
+        results = await client.send_many(items)
+        assert client.connected  # still good for more
+        return results
+
+    results = with_client(sink, action)
+    assert all(isinstance(r, Outcome) for r in results)
+    refused = [{a: r.code for a, r in out.refused.items()} for out in results
+               if isinstance(out, Outcome)]
+    assert refused == [{}, {"gone@example.net": 550}, {}, {"busy@example.net": 450}, {}]
+    got = {m.rcpt_tos[0]: m.data for m in sink.handler.messages}
+    assert sorted(got) == ["m0@example.net", "m2@example.net", "m4@example.net"]
+    assert all(f"For {a}.".encode() in data for a, data in got.items())
+
+
+def test_smtpclient_send_many_content_refusal_is_that_transactions_only(sink: Sink) -> None:
+    class Picky(SinkHandler):
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            if b"spam" in envelope.original_content:
+                return "554 5.6.0 Content rejected"
+            return await super().handle_DATA(server, session, envelope)
+
+    sink.handler = Picky()
+    sink.stop()
+    sink.start()
+    items = [(SENDER, ["a@example.net"], MESSAGE),
+             (SENDER, ["b@example.net"], MESSAGE + b"spam\r\n"),
+             (SENDER, ["c@example.net"], MESSAGE)]
+    results = with_client(sink, lambda c: c.send_many(items))
+    assert isinstance(results[0], Outcome) and isinstance(results[2], Outcome)
+    assert isinstance(results[1], PermanentDeliveryError) and results[1].code == 554
+    assert [m.rcpt_tos for m in sink.handler.messages] == [["a@example.net"], ["c@example.net"]]
+
+
+def test_smtpclient_send_many_lost_connection_defers_the_unsent(sink: Sink) -> None:
+    """The smarthost drops the connection in the middle: what it had accepted stays
+    delivered, the rest fail as temporary (to be tried again), nothing is lost."""
+    class Dropper(SinkHandler):
+        async def handle_DATA(self, server: Any, session: Any, envelope: Any) -> str:
+            if len(self.messages) == 2:
+                server.transport.close()
+                return "421 4.3.0 going away"
+            return await super().handle_DATA(server, session, envelope)
+
+    sink.handler = Dropper()
+    sink.stop()
+    sink.start()
+    items = [(SENDER, [f"m{i}@example.net"], MESSAGE) for i in range(5)]
+
+    async def action(client: SMTPClient) -> list[Outcome | DeliveryError]:
+        results = await client.send_many(items)
+        assert not client.connected
+        return results
+
+    results = with_client(sink, action)
+    assert [type(r).__name__ for r in results] == ["Outcome", "Outcome",
+                                                   "TransientDeliveryError",
+                                                   "TransientDeliveryError",
+                                                   "TransientDeliveryError"]
+    assert [m.rcpt_tos for m in sink.handler.messages] == [["m0@example.net"],
+                                                           ["m1@example.net"]]
 
 
 @pytest.mark.parametrize("reply, error, code", [
