@@ -7,6 +7,7 @@ returned has been committed and, on SQLite, fsync'd: that is what a 250 rests on
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -27,6 +28,8 @@ from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
 log = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# How long a SQLite writer waits for its turn before the store counts as unavailable.
+SQLITE_BUSY_TIMEOUT = 30
 
 
 def normalise_url(url: str) -> str:
@@ -44,6 +47,11 @@ class Store:
         self.url = normalise_url(url)
         self.clock = clock
         self.engine = _engine(self.url, pool_size)
+        # SQLite has one writer at a time, and a writer that finds the lock taken polls
+        # for it, sleeping up to 100 ms between tries. The stages of one process queue
+        # here instead, and the next starts the moment the last commits (a post's
+        # latency went from ~40 ms to a few under load). Other processes still poll.
+        self._write_turn = threading.Lock() if self.is_sqlite else None
 
     @property
     def is_sqlite(self) -> bool:
@@ -52,10 +60,23 @@ class Store:
     @contextmanager
     def write(self) -> Iterator[Connection]:
         """A write transaction: committed (and fsync'd) when the block ends without error."""
-        with self._translate():
+        with self._turn(), self._translate():
             with self.engine.connect().execution_options(listgate_write=True) as conn:
                 with conn.begin():
                     yield conn
+
+    @contextmanager
+    def _turn(self) -> Iterator[None]:
+        if self._write_turn is None:
+            yield
+            return
+        if not self._write_turn.acquire(timeout=SQLITE_BUSY_TIMEOUT):
+            raise StoreUnavailable("database is locked: another write in this process took "
+                                   f"longer than {SQLITE_BUSY_TIMEOUT}s")
+        try:
+            yield
+        finally:
+            self._write_turn.release()
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -123,7 +144,7 @@ def _engine(url: str, pool_size: int) -> Engine:
             Path(path).parent.mkdir(parents=True, exist_ok=True)
         engine = sa.create_engine(
             url, pool_size=pool_size, max_overflow=pool_size,
-            connect_args={"timeout": 30, "check_same_thread": False},
+            connect_args={"timeout": SQLITE_BUSY_TIMEOUT, "check_same_thread": False},
         )
         event.listen(engine, "connect", _sqlite_connect)
         event.listen(engine, "begin", _sqlite_begin)
@@ -138,7 +159,7 @@ def _sqlite_connect(dbapi_conn: Any, _record: Any) -> None:
     cur.execute("PRAGMA journal_mode=WAL")
     cur.execute("PRAGMA synchronous=FULL")
     cur.execute("PRAGMA foreign_keys=ON")
-    cur.execute("PRAGMA busy_timeout=30000")
+    cur.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
     cur.close()
 
 

@@ -20,7 +20,7 @@ from alembic.runtime.migration import MigrationContext
 
 from gateway import queue
 from gateway.clock import ManualClock
-from gateway.errors import SchemaOutdated, StoreError
+from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
 from gateway.queue import Claimer
 from gateway.schema import QUEUE_TABLES, State, contents, lists, metadata, outbound, work
 from gateway.store import Store, normalise_url
@@ -479,3 +479,55 @@ def test_store_worker_identity_names_this_process() -> None:
     assert host == socket.gethostname()
     assert int(pid) == os.getpid()
     assert start.isdigit() and start != "0"
+
+
+def test_store_sqlite_writers_of_one_process_take_turns(store: Store) -> None:
+    """Many threads writing at once: every write lands, none fails with "locked"."""
+    errors: list[BaseException] = []
+
+    def write(n: int) -> None:
+        try:
+            for i in range(20):
+                with store.write() as conn:
+                    conn.execute(contents.insert().values(created_at=float(n * 100 + i),
+                                                          data=b"x"))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert errors == []
+    with store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(contents)).scalar_one() == 160
+
+
+def test_store_sqlite_writer_waiting_too_long_is_told_so(store: Store,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    if not store.is_sqlite:
+        pytest.skip("PostgreSQL has row locks, not one writer at a time")
+    monkeypatch.setattr("gateway.store.SQLITE_BUSY_TIMEOUT", 0.2)
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.write() as conn:
+            conn.execute(contents.insert().values(created_at=1.0, data=b"held"))
+            holding.set()
+            release.wait(10)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        with pytest.raises(StoreUnavailable, match="locked"):
+            with store.write() as conn:
+                conn.execute(contents.insert().values(created_at=2.0, data=b"late"))
+    finally:
+        release.set()
+        holder.join(10)
+    with store.write() as conn:  # its turn comes once the other is done
+        conn.execute(contents.insert().values(created_at=3.0, data=b"after"))
+    with store.read() as conn:
+        assert sorted(conn.execute(sa.select(contents.c.data)).scalars()) == [b"after", b"held"]
