@@ -14,8 +14,7 @@
 #   -- ARGS...             anything else for bench.py (e.g. --sessions 8 --size 4096)
 #
 # Results: bench/results/<time>/{mailman,listgate}.jsonl, ratios.md (bench/ratios.py) and
-# report.md (the peer's report.py). The digest workload is run for Mailman only: Listgate
-# builds no digests yet.
+# report.md (the peer's report.py).
 #
 # Environment: BENCH_PY (default /work/shared/peers/mailman/bench.py, next to sut-mailman.sh
 # and report.py), PEERS_DIR (/tmp/peers; Mailman's venv must be there: run the peer's
@@ -94,11 +93,7 @@ if [ "$only" != listgate ] && [ ! -x "$PEERS_DIR/mailman-venv/bin/mailman" ]; th
     exit 1
 fi
 
-# Listgate has no digests yet: its adapter refuses `prepare ... mime` (exit 3).
-lg_workloads="$(echo "$workloads" | tr ',' '\n' | grep -vx digest | paste -sd, || true)"
-if [ "$lg_workloads" != "$workloads" ]; then
-    say "Listgate builds no digests yet: the digest workload runs for Mailman only"
-fi
+lg_workloads="$workloads"
 
 version="$("$(dirname "$LISTGATE_BIN")/python" -c \
     'import importlib.metadata as m; print(m.version("listgate"))' 2>/dev/null || echo unknown)"

@@ -6,10 +6,12 @@
 #                                          background; return once the intake port answers
 #   sut-listgate.sh stop                   SIGTERM to serve; wait for it to exit
 #   sut-listgate.sh prepare LIST M MODE    make LIST have exactly the members m00000@example.net
-#                                          ... m{M-1}@example.net (MODE regular; mime: exit 3);
+#                                          ... m{M-1}@example.net, all in MODE: regular, or
+#                                          mime | plain (digest-mime, digest-plain members);
 #                                          the poster m00000 is a moderator: never held
 #   sut-listgate.sh wait-idle [TIMEOUT_S]  return once no queue row is pending (default 600 s)
-#   sut-listgate.sh digest-send LIST       exit 3: Listgate builds no digests yet
+#   sut-listgate.sh digest-send LIST       close the list's open digest batch and send it now
+#                                          (`listgate digest send`)
 #   sut-listgate.sh pids                   PID of `listgate serve`
 #   sut-listgate.sh check                  queue depth, parked rows, errors in the log
 #
@@ -46,8 +48,6 @@ PYTHON="$(dirname "$LISTGATE_BIN")/python"
 SQLITE_DB="$STATE/listgate.db"
 STORE_URL="${LISTGATE_BENCH_STORE_URL:-sqlite:///$SQLITE_DB}"
 SHOWN_URL="$(sed -E 's#(://[^:/@]*):[^@]*@#\1:***@#' <<< "$STORE_URL")"  # no password in logs
-# Exit status for what Listgate cannot do yet (digest members): bench.py stops there.
-UNSUPPORTED=3
 POSTER=m00000@example.net
 
 lg() { "$LISTGATE_BIN" --config "$CFG" "$@"; }
@@ -129,9 +129,9 @@ sys.exit(0 if code == 250 else 1)
 EOF
 }
 
-sync_members() {  # list m -> the list has exactly m00000..m{m-1}, all regular and enabled
-    local list="$1" m="$2" now="$STATE/members.now" extra="$STATE/members.remove" kept
-    local csv="$STATE/members-$2.csv"
+sync_members() {  # list m mode -> the list has exactly m00000..m{m-1}, all in mode, enabled
+    local list="$1" m="$2" mode="$3" now="$STATE/members.now" extra="$STATE/members.remove" kept
+    local csv="$STATE/members-$2-$3.csv"
     # Each `listgate` command costs a second or more of start-up: call as few as we can.
     if ! lg members ls "$list" > "$now" 2> "$STATE/members.err"; then
         grep -q "no list" "$STATE/members.err" || { cat "$STATE/members.err" >&2; return 1; }
@@ -146,14 +146,14 @@ sync_members() {  # list m -> the list has exactly m00000..m{m-1}, all regular a
         fi
         : > "$STATE/poster-ok.$list"
     fi
-    # Members that must go: not in the wanted range, not regular, or disabled.
+    # Members that must go: not in the wanted range, not in the mode, or disabled.
     # (`members ls` prints "address  mode[ (disabled)]  name"; rich expands the tabs.)
-    kept="$(awk -v m="$m" -v extra="$extra" '
+    kept="$(awk -v m="$m" -v mode="$mode" -v extra="$extra" '
         BEGIN { printf "" > extra; kept = 0 }
         { addr = $1; ok = 0
           if (addr ~ /^m[0-9]+@example\.net$/) {
               n = substr(addr, 2, index(addr, "@") - 2) + 0
-              ok = (n < m && addr == sprintf("m%05d@example.net", n) && $2 == "regular" &&
+              ok = (n < m && addr == sprintf("m%05d@example.net", n) && $2 == mode &&
                     $0 !~ /\(disabled\)/)
           }
           if (ok) kept++; else if (addr != "") print addr > extra }
@@ -164,7 +164,8 @@ sync_members() {  # list m -> the list has exactly m00000..m{m-1}, all regular a
             > /dev/null
     fi
     if [ "$kept" -lt "$m" ]; then
-        awk -v m="$m" 'BEGIN { for (i = 0; i < m; i++) printf "m%05d@example.net,,regular\n", i }' \
+        awk -v m="$m" -v mode="$mode" \
+            'BEGIN { for (i = 0; i < m; i++) printf "m%05d@example.net,,%s\n", i, mode }' \
             > "$csv"
         lg members import "$list" "$csv" >&2
     fi
@@ -214,12 +215,12 @@ stop)
     ;;
 prepare)
     list="${1:?prepare LIST M MODE}"; members="${2:?prepare LIST M MODE}"; mode="${3:-regular}"
-    if [ "$mode" != regular ]; then
-        log "cannot prepare $list in mode $mode: Listgate builds no digests yet" \
-            "(digest members are stored, but no digest is ever sent); run the fanout workload only"
-        exit "$UNSUPPORTED"
-    fi
-    sync_members "$list" "$members"
+    case "$mode" in
+        regular) ;;
+        mime|plain) mode="digest-$mode" ;;
+        *) log "prepare: unknown mode $mode (regular, mime or plain)"; exit 2 ;;
+    esac
+    sync_members "$list" "$members" "$mode"
     # The daemon re-reads the list directory every few seconds: posts sent before it
     # knows a new list would get 550 at RCPT. Wait until it routes the list.
     for _ in $(seq 1 60); do
@@ -232,8 +233,7 @@ wait-idle)
     "$PYTHON" "$HERE/queue_depth.py" "$STORE_URL" --wait "${1:-600}"
     ;;
 digest-send)
-    log "digest-send ${1:-}: Listgate builds no digests yet"
-    exit "$UNSUPPORTED"
+    lg digest send "${1:?digest-send LIST}" >&2
     ;;
 pids)
     serve_pid || { log "not running"; exit 1; }
@@ -248,7 +248,7 @@ check)
     fi
     ;;
 *)
-    sed -n '2,29p' "$0" >&2
+    sed -n '2,31p' "$0" >&2
     exit 2
     ;;
 esac
