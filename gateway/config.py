@@ -150,6 +150,8 @@ class BouncesConfig:
     stale_after: Seconds = Seconds(7 * 86400)  # a score not raised for this long starts over
     remove_after: Seconds = Seconds(21 * 86400)  # disabled and silent this long: removed
     probe_interval: Seconds = Seconds(7 * 86400)  # between "are you still there?" probes
+    # How often the smarthost's refusals are scored and probes and removals are due.
+    sweep_interval: Seconds = Seconds(60)
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from gateway import learning, promo, queue
 from gateway.authentication import Resolver, SigningKeys
+from gateway.bounces import Bounces
 from gateway.clock import Clock, SystemClock
 from gateway.commands import Commands
 from gateway.config import Config, parse_listener, store_url
@@ -34,6 +35,7 @@ from gateway.intake import (
     IntakeWriter,
 )
 from gateway.lists import Directory
+from gateway.metrics import Metrics
 from gateway.moderation import Moderation
 from gateway.owner import Owner
 from gateway.policy import Policies
@@ -156,6 +158,8 @@ class Daemon:
                      public_url)
         digest = Digest(store, clock=self.clock, claimer=claimer, templates=templates,
                         public_url=public_url, chunk=config.digest.chunk, retry_delay=retry)
+        bounces = Bounces(store, clock=self.clock, claimer=claimer, templates=templates,
+                          settings=config.bounces, retry_delay=retry)
         batch_stages: list[tuple[Stage, Callable[[Progress], Progress]]] = [
             (Stage.MODERATION, moderation.run_once),
             (Stage.COMMANDS, Commands(store, clock=self.clock, claimer=claimer,
@@ -170,12 +174,16 @@ class Daemon:
             (Stage.DIGEST, digest.run_once),
             (Stage.OWNER, Owner(store, clock=self.clock, claimer=claimer,
                                 hostname=config.hostname, retry_delay=retry).run_once),
+            (Stage.BOUNCES, bounces.run_once),
         ]
         keys = SigningKeys(config.dkim.directory, selector=config.dkim.selector,
                            ed25519_selector=config.dkim.ed25519_selector, clock=self.clock)
         delivery = Delivery(store, transport, clock=self.clock, claimer=claimer,
                             config=config.delivery, retry_delay=retry, link_signer=signer,
                             keys=keys, authserv_id=config.dkim.authserv_id or config.hostname)
+        if web is not None:
+            web.metrics = Metrics(store, clock=self.clock, accepted=lambda: writer.accepted,
+                                  recipients=lambda: delivery.tally).render
         poll = config.queue.poll_interval
         tasks = [asyncio.create_task(run_stage(stage, run_once, wakeups, poll_interval=poll,
                                                stopping=stopping), name=stage.value)
@@ -187,13 +195,15 @@ class Daemon:
             asyncio.create_task(self._refresh(directory, stopping, reload_requested, policies),
                                 name="directory"),
         ]
-        # Periodic jobs: expiries and reminders of held posts, and the digest schedules.
+        # Periodic jobs: expiries and reminders of held posts, the digest schedules, and
+        # the bounces sweep (the smarthost's refusals, further probes, removals).
         scheduler = AsyncIOScheduler(event_loop=loop)
         # A run still going when the next is due is skipped (max_instances=1): wanted,
         # and not worth a warning every time.
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
         for job, every in ((moderation.sweep, config.moderation.sweep_interval),
-                           (digest.tick, config.digest.tick)):
+                           (digest.tick, config.digest.tick),
+                           (bounces.sweep, config.bounces.sweep_interval)):
             scheduler.add_job(self._periodic, "interval", seconds=every, args=(job, wakeups),
                               id=job.__qualname__, coalesce=True, max_instances=1,
                               next_run_time=datetime.datetime.now(datetime.UTC))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -116,6 +116,8 @@ class Delivery:
                  config: DeliveryConfig, retry_delay: float,
                  link_signer: LinkSigner | None = None, keys: SigningKeys | None = None,
                  authserv_id: str = "") -> None:
+        # Recipients by outcome (delivered, deferred, failed) since start, for /metrics.
+        self.tally: Counter[str] = Counter()
         self.link_signer = link_signer
         self.keys = keys
         self.authserv_id = authserv_id
@@ -302,17 +304,20 @@ class Delivery:
                     results.task_done()
 
     def _record(self, batch: Iterable[Result]) -> None:
+        tally: Counter[str] = Counter()
         with self.store.write() as conn:
             finished: set[int] = set()
             for result in batch:
-                if self._record_one(conn, result):
+                if self._record_one(conn, result, tally):
                     finished.add(result.job.content_id)
             # Once per content, not per row: a post's rows finish together.
             for content_id in finished:
                 outgoing.drop_unused_content(conn, content_id)
+        self.tally.update(tally)  # counted once the outcomes are on disk
 
-    def _record_one(self, conn: Connection, r: Result) -> bool:
-        """Record one outcome; True if the row is finished (deleted)."""
+    def _record_one(self, conn: Connection, r: Result, tally: Counter[str]) -> bool:
+        """Record one outcome, counting recipients by outcome in ``tally``; True if the
+        row is finished (deleted)."""
         job, now = r.job, self.clock.now()
         where = f"outbound={job.id} kind={job.kind} list_id={job.list_id} queue_id={job.message_id}"
         first_try = job.first_try_at or r.started_at
@@ -324,6 +329,7 @@ class Delivery:
             reply = Reply(r.error.code, r.error.text)
             self._failures(conn, job, {rcpt: reply for rcpt in job.recipients}, now)
             log.warning("failed %s rcpts=%d: %s", where, len(job.recipients), r.error)
+            tally["failed"] += len(job.recipients)
             return self._finish(conn, job)
         if r.error is not None:
             if now - first_try >= self.config.lifetime:
@@ -331,12 +337,14 @@ class Delivery:
                                             f"{r.error.text}")
                 self._failures(conn, job, {rcpt: reply for rcpt in job.recipients}, now)
                 log.warning("expired %s rcpts=%d: %s", where, len(job.recipients), r.error)
+                tally["failed"] += len(job.recipients)
                 return self._finish(conn, job)
             due = now + self._backoff(job.tries)
             queue.release(conn, outbound, job.id, self.claimer, now=now, due_at=due,
                           note=str(r.error), tries=job.tries + 1, first_try_at=first_try)
             log.info("deferred %s rcpts=%d until +%.0fs: %s", where, len(job.recipients),
                      due - now, r.error)
+            tally["deferred"] += len(job.recipients)
             return False
         assert r.outcome is not None
         permanent = {a: rep for a, rep in r.outcome.refused.items() if rep.code >= 500}
@@ -344,6 +352,8 @@ class Delivery:
         if permanent:
             self._failures(conn, job, permanent, now)
         delivered = len(job.recipients) - len(r.outcome.refused)
+        tally["delivered"] += delivered
+        tally["failed"] += len(permanent)
         if later and now - first_try < self.config.lifetime:
             due = now + self._backoff(job.tries)
             queue.release(conn, outbound, job.id, self.claimer, now=now, due_at=due,
@@ -354,9 +364,11 @@ class Delivery:
                           tries=job.tries + 1, first_try_at=first_try)
             log.info("delivered %s rcpts=%d, deferred %d, failed %d", where, delivered,
                      len(later), len(permanent))
+            tally["deferred"] += len(later)
             return False
         if later:
             self._failures(conn, job, {a: r.outcome.refused[a] for a in later}, now)
+            tally["failed"] += len(later)
         first_line = r.outcome.reply.splitlines()[0] if r.outcome.reply else ""
         log.info("delivered %s rcpts=%d failed=%d: %s", where, delivered,
                  len(permanent) + len(later), first_line)

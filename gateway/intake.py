@@ -56,6 +56,7 @@ class IntakeWriter:
         self.clock = clock
         self.batch = batch
         self.on_commit = on_commit
+        self.accepted = 0  # messages committed (answered 250) since start, for /metrics
         self._pending: list[tuple[Arrival, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
 
@@ -86,6 +87,7 @@ class IntakeWriter:
                         if not future.done():
                             future.set_exception(exc)
                     continue
+                self.accepted += len(ids)
                 stages = {hit.route.stage for a, _f in batch for hit in a.hits}
                 for (_arrival, future), qid in zip(batch, ids, strict=False):
                     if not future.done():

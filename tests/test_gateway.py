@@ -141,17 +141,23 @@ def test_gateway_owner_mail_is_forwarded_to_owners(config_path: Path, sink: Sink
     assert msg["Subject"] == "A question"
 
 
-@pytest.mark.parametrize("address, stage, role", [
-    ("discuss-bounces+bob=example.net@example.org", "bounces", "bounces"),
-])
-def test_gateway_other_roles_are_stored_for_their_stage(config_path: Path, store: Store,
-                                                        address: str, stage: str,
-                                                        role: str) -> None:
+def test_gateway_mail_to_a_bounces_address_is_read_by_the_bounces_stage(
+        config_path: Path, store: Store, sink: Sink) -> None:
+    # Stored for the bounces stage, which reads it: a person's mail to a member's VERP
+    # address is no bounce, so it is recorded as such, scores nobody and gets no answer.
+    address = "discuss-bounces+bob=example.net@example.org"
     with gateway(config_path) as gw:
         gw.send(MEMBERS[1], address, post(MEMBERS[1], address, "subscribe"))
+        wait_until(lambda: bool(events(store, "bounce-ignored")), what="the bounces stage")
     with store.read() as conn:
-        rows = conn.execute(sa.select(work.c.stage, work.c.role, work.c.address)).all()
-    assert [(r.stage, r.role, r.address) for r in rows] == [(stage, role, address)]
+        stored = conn.execute(sa.select(journal.c.stage, journal.c.event)
+                              .where(journal.c.event.startswith("bounce"))).all()
+        left = conn.execute(sa.select(work.c.id)).all()
+        bob = lists.find_member(conn, lists.get(conn, LIST).id, [MEMBERS[1]])
+    assert [(r.stage, r.event) for r in stored] == [("bounces", "bounce-ignored")]
+    assert "not a bounce" in events(store, "bounce-ignored")[0]
+    assert left == [] and sink.handler.count() == 0
+    assert bob is not None and bob.enabled and bob.bounce_score == 0
 
 
 def test_gateway_refuses_unknown_addresses_and_relaying_at_rcpt(config_path: Path) -> None:
