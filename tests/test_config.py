@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,17 @@ def test_config_shipped_example_loads() -> None:
     assert config.delivery.smarthost == "smtp://127.0.0.1:25"
     assert config.delivery.retry_max == 3600.0
     assert config.intake.listen == ("lmtp://127.0.0.1:2424", "smtp://127.0.0.1:2525")
+
+
+def test_config_shipped_example_names_every_key() -> None:
+    """deploy/listgate.toml says it lists every key: a key added to the code must be
+    documented there (paths excepted: their defaults depend on the installation)."""
+    shipped = tomllib.loads((REPO / "deploy" / "listgate.toml").read_text())
+    for section in dataclasses.fields(Config):
+        if section.name in ("source", "paths"):
+            continue
+        keys = {f.name for f in dataclasses.fields(section.default_factory())}  # type: ignore[misc]
+        assert set(shipped.get(section.name, {})) == keys, section.name
 
 
 def test_config_values_from_the_file_are_used(tmp_path: Path) -> None:
