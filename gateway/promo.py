@@ -35,6 +35,7 @@ import quopri
 import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from operator import itemgetter
 from os import PathLike
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -171,26 +172,61 @@ class _Mail:
     """What scoring needs from one message, read once."""
 
     subject: str
-    fields: tuple[tuple[str, str], ...]   # (lower-cased name, raw value)
-    plain: str                            # text/plain parts, list footers removed
-    html: str                             # text/html source, list footers left in
-    html_text: str                        # text/html rendered to text, list footers removed
+    fields: dict[str, bytes]  # lower-cased name: the first such field's raw value
+    plain: str                # text/plain parts, list footers removed
+    html: str                 # text/html source, list footers left in
+    html_text: str            # text/html rendered to text, list footers removed
     has_plain: bool
     has_html: bool
-    image_parts: int                      # image/* parts (counted when there is no HTML)
+    image_parts: int          # image/* parts (counted when there is no HTML)
+    text: str                 # the readable body: the plain part, else the HTML's text
+    body: str                 # what the words are read from: ``text``, plus the HTML's
+                              # text when there are both (words only the HTML carries count)
+    body_urls: tuple[tuple[int, int], ...]  # where _URL matches in ``body``
+
+    def text_urls(self) -> list[str]:
+        """The links written in ``text``."""
+        if len(self.text) <= MAX_TEXT_CHARS:
+            # ``body`` starts with all of ``text`` and a line break after it (no link
+            # runs across one), so its links that start in ``text`` are ``text``'s.
+            return [self.body[a:b] for a, b in self.body_urls if a < len(self.text)]
+        return [m.group() for m in _URL.finditer(self.text)]
 
     def get(self, name: str) -> str | None:
-        for n, v in self.fields:
-            if n == name:
-                return v
-        return None
+        """The first field called ``name`` (lower case), unfolded, as
+        gateway.message.Field.value gives it; decoded only when asked for."""
+        value = self.fields.get(name)
+        return None if value is None else _value(value)
 
     @property
-    def text(self) -> str:
-        """The readable body: the plain part, or the HTML's text when there is none."""
-        if self.plain.strip():
-            return self.plain
-        return self.html_text
+    def names(self) -> frozenset[str]:
+        return frozenset(self.fields)
+
+
+MAX_FIELDS = 500
+# The header fields as gateway.message.split() reads them: lines split at "\n", each field
+# a line and its continuation lines; the block of them, and each one (name, value).
+_SPLIT_HEADER_BLOCK = re.compile(
+    rb"(?:[\x21-\x39\x3b-\x7e]+[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z))*")
+_SPLIT_FIELD = re.compile(rb"([\x21-\x39\x3b-\x7e]+)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)")
+# A line break inside a field, with the carriage returns before it (split() drops those).
+_UNFOLD = re.compile(r"\r*\n[ \t]")
+
+
+def _fields(raw: bytes) -> dict[str, bytes]:
+    """The header fields gateway.message.split() finds (the first MAX_FIELDS), by
+    lower-cased name: the first field of each name, its value neither unfolded nor
+    decoded (few are ever read)."""
+    if raw[:1] in (b" ", b"\t"):
+        # A continuation line with no field before it: split() keeps it as a nameless
+        # field and reads on; rare enough to leave to it.
+        pairs = [(f.name, f.raw.partition(b":")[2]) for f in split(raw).fields[:MAX_FIELDS]]
+        return {n.lower(): v for n, v in reversed(pairs)}
+    block = _SPLIT_HEADER_BLOCK.match(raw)
+    found = _SPLIT_FIELD.findall(raw, 0, block.end() if block is not None else 0)[:MAX_FIELDS]
+    names = map(str.lower, map(bytes.decode, map(itemgetter(0), reversed(found))))
+    # Built from the last field to the first, so that the first of each name stays.
+    return dict(zip(names, map(itemgetter(1), reversed(found)), strict=True))
 
 
 def _read(raw: bytes) -> _Mail:
@@ -198,22 +234,15 @@ def _read(raw: bytes) -> _Mail:
     if raw.startswith(b"From "):
         # An mbox "From " line (archives, procmail): not a header field.
         raw = raw.partition(b"\n")[2]
-    try:
-        parts = split(raw)
-        fields = tuple((f.name.lower(), f.value) for f in parts.fields[:500])
-    except _MAIL_ERRORS:
-        fields = ()
-    subject = ""
-    for name, value in fields:
-        if name == "subject":
-            subject = decode_header(value[:2000])[:1000]
-            break
+    fields = _fields(raw)
+    raw_subject = fields.get("subject")
+    subject = "" if raw_subject is None else _decoded(_value(raw_subject)[:2000])[:1000]
     plain: list[str] = []
     htmls: list[str] = []
     has_plain = has_html = False
     images = 0
     try:
-        msg = parse(raw)
+        msg = _parse(raw)
     except _MAIL_ERRORS:
         msg = None
     if msg is not None:
@@ -235,16 +264,92 @@ def _read(raw: bytes) -> _Mail:
                 has_html = True
                 htmls.append(text)
     source = "\n".join(htmls)[:MAX_TEXT_CHARS]
+    plain_text = "\n".join(plain)[:MAX_TEXT_CHARS]
+    html_text = _strip_list_footer(html_to_text(source)) if source else ""
+    text = plain_text if plain_text.strip() else html_text
+    body = (text + "\n" + html_text if has_plain and has_html else text)[:MAX_TEXT_CHARS]
     return _Mail(
         subject=subject,
         fields=fields,
-        plain="\n".join(plain)[:MAX_TEXT_CHARS],
+        plain=plain_text,
         html=source,
-        html_text=_strip_list_footer(html_to_text(source)) if source else "",
+        html_text=html_text,
         has_plain=has_plain,
         has_html=has_html,
         image_parts=images,
+        text=text,
+        body=body,
+        body_urls=tuple(m.span() for m in _URL.finditer(body)),
     )
+
+
+# The header block as the stdlib's FeedParser reads it: lines split at "\r\n", "\r" or
+# "\n", each starting like a header line (feedparser.headerRE), up to the first that does
+# not; then the same lines grouped into fields (a line and its continuation lines).
+_FEED_HEADER_BLOCK = re.compile(
+    r"(?:(?:From |[\041-\071\073-\176]*:|[\t ])[^\r\n]*(?:\r\n|\r|\n|\Z))*")
+
+
+def _ascii_nocase(word: str) -> str:
+    """A pattern for ``word`` in any mix of ASCII upper and lower case (re.I would also
+    take the long s and the dotless i for an s and an i)."""
+    return "".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in word)
+
+
+# The fields that decide how a body is read (all that is asked of the parsed message):
+# each, with its continuation lines, where a header line starts (the start of the text,
+# or after a line break).
+_FEED_MIME_FIELD = re.compile(
+    r"[cC](?<![^\r\n].)" + _ascii_nocase("ontent-")
+    + "(?:" + "|".join(_ascii_nocase(n) for n in ("type", "transfer-encoding", "disposition"))
+    + r"):([^\r\n]*(?:\r\n|\r|\n|\Z)(?:[\t ][^\r\n]*(?:\r\n|\r|\n|\Z))*)")
+# A header line the FeedParser records a defect for: an envelope line, a nameless field.
+# (Its first character first, so that the regex engine skips to those.)
+_FEED_ODD_LINE = re.compile(r"(?:F(?<![^\r\n].)rom |:(?<![^\r\n].))")
+
+
+def _parse(raw: bytes) -> email.message.Message:
+    """gateway.message.parse(raw) (the stdlib's compat32 parse), with a shortcut.
+
+    Most posts are one text part. For those the parse is only the header block and
+    the rest as the payload, and reading it here takes a fraction of the FeedParser's
+    time: its header lines are found as it finds them and stored as it stores them
+    (``compat32.header_source_parse``, ``Message.set_raw``), so the message reads as the
+    one it builds; only the fields that say how to read the body are kept, as nothing
+    else is read from it. Anything else (MIME parts, nested messages, the header oddities
+    it records defects for) goes to the FeedParser itself.
+    """
+    text = raw.decode("ascii", "surrogateescape")  # as email.parser.BytesParser does
+    if text[:1] in ("\t", " "):
+        return parse(raw)  # a continuation line with nothing to continue
+    block = _FEED_HEADER_BLOCK.match(text)
+    end = block.end() if block is not None else 0
+    if _FEED_ODD_LINE.search(text, 0, end):
+        return parse(raw)
+    msg = email.message.Message()
+    for m in _FEED_MIME_FIELD.finditer(text, 0, end):
+        # compat32.header_source_parse() of the field's lines, on the lines joined.
+        msg.set_raw(text[m.start():m.start(1) - 1], m.group(1).lstrip(" \t").rstrip("\r\n"))
+    if msg.get_content_maintype() in ("multipart", "message"):
+        return parse(raw)
+    if text[end:end + 1] in ("\r", "\n"):
+        # The empty line that ends the header block is not part of the body.
+        end += 2 if text.startswith("\r\n", end) else 1
+    msg.set_payload(text[end:])
+    return msg
+
+
+def _decoded(value: str) -> str:
+    """gateway.message.decode_header(value), skipping its work when there is nothing to
+    decode (ASCII without encoded words, which it returns unchanged)."""
+    if value.isascii() and "=?" not in value:
+        return value
+    return decode_header(value)
+
+
+def _value(raw: bytes) -> str:
+    text = raw.decode("utf-8", "surrogateescape")
+    return _UNFOLD.sub(" ", text).strip() if "\n" in text else text.strip()
 
 
 def _leaves(msg: email.message.Message) -> Iterator[email.message.Message]:
@@ -331,31 +436,76 @@ _FOOTER_MARKER = re.compile(
 _FOOTER_OR_SPONSOR = re.compile(_FOOTER_MARKER.pattern + r"|\bsponsor(?:ed)?\b", re.I | re.M)
 _FOOTER_SPAN = 3000
 _FOOTER_REACH = 600
+# The phrases of those patterns other than "mailing list" (which starts its line's match).
+_FOOTER_PHRASES = ("yahoo! groups", "groups.yahoo.com", "you received this message because you "
+                   "are subscribed to the google groups", "to unsubscribe from this group",
+                   "/mailman/listinfo/", "/lists/listinfo/")
+_FOOTER_OR_SPONSOR_PHRASES = (*_FOOTER_PHRASES, "sponsor")
+_FOOTER_MARKER_LOWER = re.compile(_FOOTER_MARKER.pattern, re.M)
+_FOOTER_OR_SPONSOR_LOWER = re.compile(_FOOTER_OR_SPONSOR.pattern, re.M)
 
 
 def _strip_list_footer(text: str) -> str:
-    marker = _FOOTER_MARKER
+    sponsor = False
     for _round in range(3):
-        found = None
-        for last in marker.finditer(text, max(0, len(text) - _FOOTER_SPAN)):
-            found = last
-        if found is None or len(text) - found.end() > _FOOTER_REACH:
+        start = max(0, len(text) - _FOOTER_SPAN)
+        # From the character before the span, which tells whether it starts a line.
+        offset = start - 1 if start else 0
+        tail = text[offset:]
+        lower = tail.lower()
+        found: tuple[int, int] | None = None
+        if len(lower) == len(tail) and not any(c in tail for c in _FOLDS_TO_ASCII):
+            # In this text, lower-case letters are exactly what re.I matches: a lower-case
+            # pattern tried only where one of its words is runs many times faster.
+            found = _last_footer_marker(lower, start - offset, sponsor)
+            if found is not None:
+                found = (found[0] + offset, found[1] + offset)
+        else:
+            for m in (_FOOTER_OR_SPONSOR if sponsor else _FOOTER_MARKER).finditer(text, start):
+                found = m.span()
+        if found is None or len(text) - found[1] > _FOOTER_REACH:
             break  # none, or not at the end: a quoted footer is part of the discussion
-        cut = text.rfind("\n", 0, found.start()) + 1
-        for sep in _FOOTER_SEPARATOR.finditer(text, max(0, found.start() - _FOOTER_REACH),
-                                              found.start() + 1):
+        cut = text.rfind("\n", 0, found[0]) + 1
+        for sep in _FOOTER_SEPARATOR.finditer(text, max(0, found[0] - _FOOTER_REACH),
+                                              found[0] + 1):
             cut = sep.start()
         text = text[:cut].rstrip()
-        marker = _FOOTER_OR_SPONSOR
+        sponsor = True
     return text
+
+
+# The characters re.I matches with an ASCII letter although their lower case is not that
+# letter (long s, Kelvin sign, dotless i, dotted capital I).
+_FOLDS_TO_ASCII = ("ſ", "\u212a", "ı", "İ")
+
+
+def _last_footer_marker(lower: str, begin: int, sponsor: bool) -> tuple[int, int] | None:
+    """The span of the last _FOOTER_MARKER (or _FOOTER_OR_SPONSOR) match in lower-cased
+    ``lower`` from ``begin`` on, trying the pattern only where a match can start: at the
+    start of a line that says "mailing list", and where its other phrases are."""
+    starts = {lower.rfind("\n", 0, i) + 1 for i in _occurrences(lower, ("mailing list",))}
+    starts.update(_occurrences(lower, _FOOTER_OR_SPONSOR_PHRASES if sponsor
+                               else _FOOTER_PHRASES))
+    pattern = _FOOTER_OR_SPONSOR_LOWER if sponsor else _FOOTER_MARKER_LOWER
+    found = None
+    for m in _matches_from(pattern, lower, sorted(i for i in starts if i >= begin)):
+        found = m.span()
+    return found
 
 
 # ---------------------------------------------------------------------------------------
 # Tokens for the model
 
 
-_URL = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"'()\[\]{}]+", re.I)
+# A link as written in text: r"\b(?:https?://|ftp://|www\.)[^\s<>\"'()\[\]{}]+" with re.I,
+# spelt so that the regex engine only tries it where an h, f or w is (a leading \b or
+# re.I makes it try every position): the boundary is checked once that letter is read,
+# and re.I's extra matches for these letters are listed (the long s, "ſ", matches s).
+_URL = re.compile(
+    r"[hHfFwW](?<!\w.)(?:(?<=[hH])[tT][tT][pP][sSſ]?://|(?<=[fF])[tT][pP]://|(?<=[wW])[wW][wW]\.)"
+    r"[^\s<>\"'()\[\]{}]+")
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
+_EMAIL_LOCAL = re.compile(r"[\w.+-]*")
 _WORD = re.compile(r"[^\W\d_][\w'’-]*", re.U)
 _SUBJECT_TAG = re.compile(r"^\s*(?:(?:re|fw|fwd|aw|sv)\s*(?:\[\d+\])?\s*:\s*|\[[^\]]{1,40}\]\s*)+",
                           re.I)
@@ -376,30 +526,88 @@ def _tokens(mail: _Mail) -> list[str]:
     subject = _SUBJECT_TAG.sub("", mail.subject)
     for word in _words(subject):
         out.setdefault("subject:" + word)
-    body = mail.text
-    if mail.has_plain and mail.has_html:
-        # Both alternatives: words only one of them carries (hidden HTML) still count.
-        body = body + "\n" + mail.html_text
-    body = body[:MAX_TEXT_CHARS]
-    if _URL.search(body):
+    body = mail.body
+    if mail.body_urls:
         out.setdefault("<url>")
-    if _EMAIL.search(body):
+    if "@" in body and _first(_emails(body)) is not None:
         out.setdefault("<email>")
-    body = _EMAIL.sub(" ", _URL.sub(" ", body))
+    body = _blank(body, mail.body_urls)
+    if "@" in body:
+        body = _blank(body, _emails(body))
     out.update(dict.fromkeys(_words(body)))
     return list(out)[:MAX_TOKENS]
 
 
+def _first(spans: Iterator[tuple[int, int]]) -> tuple[int, int] | None:
+    return next(spans, None)
+
+
+def _blank(text: str, spans: Iterable[tuple[int, int]]) -> str:
+    """``text`` with each span replaced by a space (as ``re.sub(" ", ...)`` would)."""
+    pieces: list[str] = []
+    last = 0
+    for start, end in spans:
+        pieces.append(text[last:start])
+        pieces.append(" ")
+        last = end
+    if not pieces:
+        return text
+    pieces.append(text[last:])
+    return "".join(pieces)
+
+
+def _emails(text: str) -> Iterator[tuple[int, int]]:
+    """The spans ``_EMAIL.finditer(text)`` finds, found from each "@" instead of trying
+    the pattern at every position (which costs as much as the rest of scoring)."""
+    pos = 0
+    backwards = ""
+    n = len(text)
+    while (at := text.find("@", pos)) >= 0:
+        if not backwards:
+            backwards = text[::-1]
+        # The leftmost match can only start where the run of address characters that
+        # ends at this "@" starts (or where the last match ended, inside that run).
+        run = _EMAIL_LOCAL.match(backwards, n - at)
+        start = max(at - (run.end() - run.start()) if run else at, pos)
+        if start < at and (m := _EMAIL.match(text, start)) is not None:
+            yield m.span()
+            pos = m.end()
+        else:
+            pos = at + 1
+
+
 def _words(text: str) -> list[str]:
+    """The words of ``text`` the model counts, lower-cased, in order (repeats left in)."""
+    lower = text.lower()
+    if lower.isascii():
+        # What _WORD finds, several times faster: in ASCII a word is a run of letters,
+        # digits, "_", "'" and "-" from its first letter on. Then, as below.
+        return [w if alpha else w.strip("'-")
+                for run in dict.fromkeys(lower.translate(_NOT_IN_WORDS).split())
+                if 2 < len(w := run.lstrip(_NOT_LETTERS)) < 21
+                and ((alpha := w.isalpha()) or sum(map(str.isdigit, w)) < 2)]
+    found = dict.fromkeys(_WORD.findall(lower))
+    if max(map(len, found), default=0) <= 20:
+        # The usual case, in one pass: 3 to 20 letters, fewer than two digits (not a
+        # serial number or tracking code), without the quotes or hyphens around it.
+        return [w if alpha else w.strip("'’-").replace("’", "'") for w in found
+                if 2 < len(w) < 21
+                and ((alpha := w.isalpha()) or sum(map(str.isdigit, w)) < 2)]
     out: list[str] = []
-    for word in _WORD.findall(text.lower()):
-        if 3 <= len(word) <= 20:
-            if sum(c.isdigit() for c in word) < 2:  # not a serial number or tracking code
+    for word in found:
+        n = len(word)
+        if 3 <= n <= 20:
+            if word.isalpha() or sum(map(str.isdigit, word)) < 2:
                 out.append(word.strip("'’-").replace("’", "'"))
-        elif len(word) > 20 and _CJK.search(word):
+        elif n > 20 and _CJK.search(word):
             # Scripts written without spaces: character pairs stand in for words.
-            out.extend(word[i:i + 2] for i in range(min(len(word) - 1, 40)))
+            out.extend(word[i:i + 2] for i in range(min(n - 1, 40)))
     return out
+
+
+_NOT_LETTERS = "0123456789_'-"
+# Every ASCII character that cannot be part of a word, to a space.
+_NOT_IN_WORDS = {i: " " for i in range(128) if not (chr(i).isalnum() or chr(i) in "_'-")}
 
 
 # ---------------------------------------------------------------------------------------
@@ -416,13 +624,16 @@ class Hit:
 class _Phrases:
     """Phrases found as whole words in lower-cased text.
 
-    Each phrase is its own pattern, tried only when the text has a word starting like
-    the phrase's first word: a few literal searches instead of one huge alternation
-    tried at every position.
+    Each phrase is its own pattern. A phrase that starts with plain text is tried only
+    where ``_PHRASE_START`` (all such phrases of every family in one pattern, tried once
+    per message) found one of them starting a word; the few without are searched for on
+    their own. A phrase right after an apostrophe or hyphen ("pre-order now") counts
+    only when the text also has a word starting like the phrase's first word (which is
+    how these phrases were first searched for, and is kept so that scores stay put).
     """
 
     def __init__(self, *patterns: str | tuple[str, str]) -> None:
-        self._items: list[tuple[str | None, str | None, re.Pattern[str]]] = []
+        self.items: list[_Phrase] = []
         for entry in patterns:
             # An entry that cannot start with a word names a character it needs instead.
             needs, pattern = entry if isinstance(entry, tuple) else (None, entry)
@@ -435,20 +646,137 @@ class _Phrases:
                     literal = literal[:-1]
                 if len(literal) >= 4 or (literal and following == " "):
                     key = literal[:4]
-            self._items.append((key, needs, re.compile(pattern + r"(?![\w'’])")))
+            source = pattern + r"(?![\w'’])"
+            self.items.append(_Phrase(key, needs, _literal_prefix(pattern), source,
+                                      re.compile(source)))
+        # The phrases _PHRASE_START does not find the places of.
+        self.unanchored = [p for p in self.items if len(p.literal) < 2]
 
-    def find(self, text: str, prefixes: frozenset[str]) -> list[str]:
+    def find(self, text: _Text) -> list[str]:
         found: list[str] = []
-        for key, needs, pattern in self._items:
-            if key is not None and key not in prefixes:
+        lower = text.lower
+        starts = text.phrase_starts
+        for phrase in self.items if starts else self.unanchored:
+            if phrase.needs is not None and not any(c in lower for c in phrase.needs):
                 continue
-            if needs is not None and not any(c in text for c in needs):
-                continue
-            for m in pattern.finditer(text):
-                before = text[m.start() - 1:m.start()]
-                if not (before.isalnum() or before in ("_", "$")):
-                    found.append(" ".join(m.group().split()))
+            matches: Iterable[re.Match[str] | None]
+            if len(phrase.literal) >= 2:
+                # The places it can match were found (and checked to start a word) by
+                # _PHRASE_START. A phrase never contains its own first words again, so
+                # these matches do not overlap, as finditer's would not.
+                match = phrase.pattern.match
+                matches = [match(lower, start) for start in text.starts_of(phrase.literal)]
+            else:
+                matches = phrase.pattern.finditer(lower)
+            for m in matches:
+                if m is None:
+                    continue
+                start = m.start()
+                before = lower[start - 1:start]
+                if before.isalnum() or before in ("_", "$"):
+                    continue
+                if phrase.key is not None and not text.starts_word(start, phrase.key):
+                    continue
+                found.append(" ".join(m.group().split()))
         return found
+
+
+@dataclass(frozen=True)
+class _Phrase:
+    key: str | None        # the first letters of its first word, if it starts with one
+    needs: str | None      # characters the text must hold for it to match
+    literal: str           # the plain text every match starts with ("" if none)
+    source: str            # the pattern, with the check that it ends a word
+    pattern: re.Pattern[str]
+
+
+def _phrase_branches(*families: _Phrases) -> str:
+    """Every phrase with a literal start, as one alternative per first character (one
+    alternative per phrase, tried at each place, would cost several times as much)."""
+    by_first: dict[str, list[str]] = {}
+    for phrase in _anchored(families):
+        by_first.setdefault(phrase.source[0], []).append(phrase.source[1:])
+    return "|".join(f"{re.escape(c)}(?:{'|'.join(rest)})" for c, rest in sorted(by_first.items()))
+
+
+def _literals_by_first(*families: _Phrases) -> dict[str, tuple[str, ...]]:
+    by_first: dict[str, set[str]] = {}
+    for phrase in _anchored(families):
+        by_first.setdefault(phrase.literal[0], set()).add(phrase.literal)
+    return {c: tuple(sorted(lits)) for c, lits in by_first.items()}
+
+
+def _anchored(families: Iterable[_Phrases]) -> Iterator[_Phrase]:
+    """The phrases _PHRASE_START finds the places of: those with a literal start."""
+    return (p for family in families for p in family.items if len(p.literal) >= 2)
+
+
+class _Text:
+    """Lower-cased text the phrases are looked for in, with what is learnt about it
+    along the way (where phrases start, which words it has)."""
+
+    def __init__(self, lower: str) -> None:
+        self.lower = lower
+        self.phrase_starts = [m.end() for m in _PHRASE_START.finditer(lower)]
+        if _PHRASE_AT_START.match(lower):
+            self.phrase_starts.insert(0, 0)
+        self._prefixes: frozenset[str] | None = None
+        self._literals: dict[str, list[int]] | None = None
+
+    def starts_of(self, literal: str) -> list[int]:
+        """The phrase starts where ``literal`` is."""
+        if self._literals is None:
+            self._literals = {}
+            for start in self.phrase_starts:
+                for lit in _LITERALS_BY_FIRST.get(self.lower[start], ()):
+                    if self.lower.startswith(lit, start):
+                        self._literals.setdefault(lit, []).append(start)
+        return self._literals.get(literal, [])
+
+    def starts_word(self, start: int, key: str) -> bool:
+        """Whether the text has a word (``_WORD``) whose first four letters are ``key``,
+        looking first at the word at ``start`` and only if need be at all of them."""
+        text = self.lower
+        if start == 0 or text[start - 1] not in _WORD_INNER:
+            m = _WORD.match(text, start)
+            if m is not None and m.group()[:4] == key:
+                return True
+        if self._prefixes is None:
+            self._prefixes = frozenset(w[:4] for w in _WORD.findall(text))
+        return key in self._prefixes
+
+
+# What a word goes on with besides letters, digits and "_": a phrase right after one of
+# these is inside another word.
+_WORD_INNER = frozenset("'’-")
+_REGEX_SPECIAL = frozenset(".^$*+?{}[]\\|()")
+
+
+def _literal_prefix(pattern: str) -> str:
+    """Text every match of ``pattern`` starts with ("" if it starts with no plain text)."""
+    depth = 0
+    escaped = in_class = False
+    for c in pattern:  # an alternative at the top level leaves no common start
+        if escaped:
+            escaped = False
+        elif c == "\\":
+            escaped = True
+        elif in_class:
+            in_class = c != "]"
+        elif c == "[":
+            in_class = True
+        elif c == "(":
+            depth += 1
+        elif c == ")":
+            depth -= 1
+        elif c == "|" and depth == 0:
+            return ""
+    end = 0
+    while end < len(pattern) and pattern[end] not in _REGEX_SPECIAL:
+        end += 1
+    if pattern[end:end + 1] in ("?", "*", "{"):
+        end -= 1  # the last character is optional
+    return pattern[:max(end, 0)]
 
 
 def _each(words: str, rest: str) -> tuple[str, ...]:
@@ -528,6 +856,15 @@ _NOT_SPAM = _Phrases(
     r"you will not receive (?:any )?(?:further|more)", r"under (?:federal )?(?:bill|law) ",
     r"this is a (?:legal|legitimate) (?:offer|business)",
 )
+# Where a phrase with a literal start may match as a whole word: searched for once per
+# message, these find the character before such a place (a character that is not part
+# of a word: the regex engine skips along to those quickly), and the start of the text.
+_PHRASE_BRANCHES = _phrase_branches(_CALL_TO_ACTION, _DISCOUNT, _URGENCY, _MONEY, _OPT_OUT,
+                                    _NOT_SPAM)
+_PHRASE_START = re.compile(rf"[^\w$](?=(?:{_PHRASE_BRANCHES}))")
+_PHRASE_AT_START = re.compile(_PHRASE_BRANCHES)
+_LITERALS_BY_FIRST = _literals_by_first(_CALL_TO_ACTION, _DISCOUNT, _URGENCY, _MONEY, _OPT_OUT,
+                                        _NOT_SPAM)
 
 _HREF = re.compile(r"""<a\b[^>]*?\bhref\s*=\s*["']?([^"'\s>]+)[^>]*>(.{0,300}?)</a\s*>""",
                    re.I | re.S)
@@ -546,6 +883,8 @@ _IP_HOST = re.compile(r"^(?:\d{1,3}\.){3}\d{1,3}$|^\d{8,10}$|^0x[0-9a-f]+$", re.
 _ADDRESS_IN_TEXT = re.compile(r"https?://([a-z0-9.-]+\.[a-z]{2,})|\b(www\.[a-z0-9.-]+\.[a-z]{2,})",
                               re.I)
 _QUOTE_LINE = re.compile(r"^[ \t]*(?:>|\|[ \t])", re.M)
+# The same after a line break: starting with a literal "\n", it is found much faster.
+_QUOTE_AFTER_BREAK = re.compile(r"\n[ \t]*(?:>|\|[ \t])")
 _ATTRIBUTION = re.compile(r"^.{0,120}\b(?:wrote|writes|said):[ \t]*$", re.M | re.I)
 _RECIPIENTS_HIDDEN = re.compile(r"undisclosed|recipient list suppressed|^\s*:;\s*$", re.I)
 
@@ -586,9 +925,9 @@ def _quoted(items: Iterable[str]) -> str:
                     else "")
 
 
-def _phrase_hit(name: str, label: str, phrases: _Phrases, text: str,
-                prefixes: frozenset[str], extra: Iterable[str] = ()) -> Hit | None:
-    found = phrases.find(text, prefixes)
+def _phrase_hit(name: str, label: str, phrases: _Phrases, text: _Text,
+                extra: Iterable[str] = ()) -> Hit | None:
+    found = phrases.find(text)
     found.extend(extra)
     distinct = {f.lower() for f in found}
     if not distinct:
@@ -602,16 +941,16 @@ def _detect(mail: _Mail) -> list[Hit]:
         text += "\n" + mail.html_text
     text = text[:MAX_TEXT_CHARS].lower()
     words = len(mail.text[:MAX_TEXT_CHARS].split())
-    prefixes = frozenset(w[:4] for w in _WORD.findall(text))
+    scanned = _Text(text)
     hits: list[Hit | None] = [
-        _phrase_hit("call-to-action", "calls to action", _CALL_TO_ACTION, text, prefixes,
+        _phrase_hit("call-to-action", "calls to action", _CALL_TO_ACTION, scanned,
                     _toll_free(text)),
         _price(text),
-        _phrase_hit("discount", "offers", _DISCOUNT, text, prefixes),
-        _phrase_hit("urgency", "urgency", _URGENCY, text, prefixes),
-        _phrase_hit("money", "money talk", _MONEY, text, prefixes),
-        _phrase_hit("unsubscribe-footer", "opt-out footer", _OPT_OUT, text, prefixes),
-        _phrase_hit("not-spam-claim", "claims", _NOT_SPAM, text, prefixes),
+        _phrase_hit("discount", "offers", _DISCOUNT, scanned),
+        _phrase_hit("urgency", "urgency", _URGENCY, scanned),
+        _phrase_hit("money", "money talk", _MONEY, scanned),
+        _phrase_hit("unsubscribe-footer", "opt-out footer", _OPT_OUT, scanned),
+        _phrase_hit("not-spam-claim", "claims", _NOT_SPAM, scanned),
         *_links(mail, words),
         *_images(mail, words),
         _hidden_text(mail),
@@ -626,22 +965,75 @@ def _detect(mail: _Mail) -> list[Hit]:
 
 
 def _toll_free(text: str) -> list[str]:
-    return [f"toll-free {m.group()}" for m in _TOLL_FREE.finditer(text)
+    # A toll-free number starts "8xx" or "(8xx": found with str.find, and only there
+    # is the pattern tried (trying it at every digit costs far more on numeric text).
+    starts = _occurrences(text, _TOLL_FREE_CODES)
+    starts = sorted({*starts, *(i - 1 for i in starts if text[i - 1:i] == "(")})
+    return [f"toll-free {m.group()}" for m in _matches_from(_TOLL_FREE, text, starts)
             if not text[m.start() - 1:m.start()].isdigit()][:MAX_DETAIL_ITEMS]
 
 
+_TOLL_FREE_CODES = ("800", "888", "877", "866", "855", "844", "833")
 _CURRENCY_HINTS = ("$", "£", "€", "¥", "usd", "eur", "gbp", "dollars")
+_CURRENCY_SIGNS = ("$", "£", "€", "¥")
+_CURRENCY_AFTER = ("€", "£", "usd", "eur", "gbp", "dollars")  # "eur" finds "euros" too
 
 
 def _price(text: str) -> Hit | None:
     if not any(c in text for c in _CURRENCY_HINTS):
         return None
-    found = [" ".join(m.group().split()) for m in _PRICE.finditer(text)]
+    found = [" ".join(m.group().split())
+             for m in _matches_from(_PRICE, text, _price_starts(text))]
     found = [f for f in found if not _SHELL_VAR.match(f)]
     distinct = {f.lower() for f in found}
     if not distinct:
         return None
     return Hit("price", min(len(distinct), 3) / 3, f"prices: {_quoted(found)}")
+
+
+def _price_starts(text: str) -> list[int]:
+    """Every place a _PRICE match can start: at a currency sign, or at the start of the
+    number before a currency sign or name ("49.95 €", "20 dollars")."""
+    starts = set(_occurrences(text, _CURRENCY_SIGNS))
+    for end in _occurrences(text, _CURRENCY_AFTER):
+        if text[end - 1:end].isspace():
+            end -= 1  # the one space _PRICE allows between
+        if text[end - 1:end].isdecimal():
+            starts.add(_digits_from(text, end))  # "20 dollars", and "95 €" of "49.95 €"
+            if end >= 4 and text[end - 3] in ".," and text[end - 2].isdecimal() \
+                    and text[end - 4].isdecimal():
+                starts.add(_digits_from(text, end - 3))  # "49.95 €"
+    return sorted(starts)
+
+
+def _digits_from(text: str, end: int) -> int:
+    """Where the run of digits that ends at ``end`` starts (str.isdecimal() is \\d)."""
+    start = end
+    while start > 0 and text[start - 1].isdecimal():
+        start -= 1
+    return start
+
+
+def _occurrences(text: str, needles: Iterable[str]) -> list[int]:
+    """Where any of ``needles`` occurs in ``text`` (str.find: far faster than a regex)."""
+    found: list[int] = []
+    for needle in needles:
+        i = text.find(needle)
+        while i >= 0:
+            found.append(i)
+            i = text.find(needle, i + 1)
+    return sorted(found)
+
+
+def _matches_from(pattern: re.Pattern[str], text: str,
+                  starts: Iterable[int]) -> Iterator[re.Match[str]]:
+    """What ``pattern.finditer(text)`` finds, given (in order) every place where one of
+    its matches can start: the pattern is tried there only, not at every position."""
+    end = 0
+    for start in starts:
+        if start >= end and (m := pattern.match(text, start)) is not None:
+            yield m
+            end = max(m.end(), start + 1)
 
 
 def _host(url: str) -> str:
@@ -663,7 +1055,7 @@ def _site(host: str) -> str:
 
 
 def _links(mail: _Mail, words: int) -> list[Hit]:
-    urls = [m.group().rstrip(".,;:!?") for m in _URL.finditer(mail.text)]
+    urls = [u.rstrip(".,;:!?") for u in mail.text_urls()]
     anchors = [(m.group(1), html_to_text(m.group(2))) for m in _HREF.finditer(mail.html)]
     urls.extend(u for u, _text in anchors if not u.lower().startswith(("mailto:", "#")))
     distinct = list(dict.fromkeys(urls))
@@ -722,6 +1114,11 @@ def _images(mail: _Mail, words: int) -> list[Hit]:
 def _hidden_text(mail: _Mail) -> Hit | None:
     if not mail.html:
         return None
+    if mail.html.isascii():
+        # Every match has one of these words (and lower-casing ASCII is what re.I does).
+        lower = mail.html.lower()
+        if not any(w in lower for w in ("fff", "white", "display", "visibility", "font-size")):
+            return None
     m = _HIDDEN_TEXT.search(mail.html)
     if m is None:
         return None
@@ -740,7 +1137,7 @@ def _bulk_mailer(mail: _Mail) -> Hit | None:
         value = mail.get(name)
         if value and _BULK_MAILERS.search(value):
             found.append(f"{name}: {value.strip()[:60]}")
-    names = {n for n, _v in mail.fields}
+    names = mail.names
     esp = sorted(n for n in names if n in _ESP_FIELDS or "campaign" in n)
     found.extend(esp)
     # A discussion list names its post address; a newsletter only its unsubscribe link.
@@ -758,6 +1155,9 @@ def _html_only(mail: _Mail) -> Hit | None:
     return None
 
 
+_SHOUTING = re.compile(r"!{3,}|\${2,}|!.*!.*!")
+
+
 def _shouting_subject(subject: str) -> Hit | None:
     bare = _SUBJECT_TAG.sub("", subject)
     letters = [c for c in bare if c.isalpha()]
@@ -765,7 +1165,7 @@ def _shouting_subject(subject: str) -> Hit | None:
     reasons: list[str] = []
     if len(letters) >= 10 and upper / len(letters) >= 0.7:
         reasons.append("in capitals")
-    if re.search(r"!{3,}|\${2,}|!.*!.*!", bare):
+    if _SHOUTING.search(bare):
         reasons.append("with !!! or $$$")
     if not reasons:
         return None
@@ -777,7 +1177,7 @@ def _undisclosed(mail: _Mail) -> Hit | None:
     to = mail.get("to")
     if to is None or not to.strip():
         return Hit("undisclosed-recipients", 1.0, "no To: header (the list was blind-copied)")
-    if _RECIPIENTS_HIDDEN.search(decode_header(to[:2000])):
+    if _RECIPIENTS_HIDDEN.search(_decoded(to[:2000])):
         return Hit("undisclosed-recipients", 1.0, f"To: {to.strip()[:60]}")
     return None
 
@@ -789,7 +1189,8 @@ def _reply(mail: _Mail) -> Hit | None:
 
 
 def _quotes(mail: _Mail) -> Hit | None:
-    quoted = len(_QUOTE_LINE.findall(mail.plain))
+    quoted = len(_QUOTE_AFTER_BREAK.findall(mail.plain))
+    quoted += _QUOTE_LINE.match(mail.plain) is not None  # the first line
     if quoted >= 2 or (quoted and _ATTRIBUTION.search(mail.plain)):
         return Hit("quotes-earlier-post", 1.0, f"{quoted} quoted line{'s' if quoted > 1 else ''}")
     return None
@@ -815,6 +1216,9 @@ class Model:
         self._counts: dict[str, list[int]] = {t: [p, q] for t, (p, q) in (counts or {}).items()}
         self.weights = weights or Weights.prior()
         self.threshold = threshold
+        # The words strong enough to be clues, worked out on first use (see _clue_table).
+        self._table: dict[str, _Clue | tuple[()]] = {}
+        self._table_for: tuple[int, int] | None = None
 
     @classmethod
     def empty(cls) -> Model:
@@ -836,6 +1240,7 @@ class Model:
             self.promotional += 1
         else:
             self.ham += 1
+        self._table_for = None
 
     def _prob(self, token: str) -> float | None:
         c = self._counts.get(token)
@@ -849,27 +1254,42 @@ class Model:
         n = c[0] + c[1]
         return (_PRIOR_STRENGTH * _PRIOR_PROB + n * p) / (_PRIOR_STRENGTH + n)
 
-    def _clues(self, tokens: Iterable[str]) -> list[tuple[float, str]]:
-        clues: list[tuple[float, str]] = []
-        for token in set(tokens):
-            f = self._prob(token)
-            if f is not None and abs(f - 0.5) >= _MIN_STRENGTH:
-                clues.append((f, token))
-        clues.sort(key=lambda c: (-abs(c[0] - 0.5), c[1]))
-        return clues[:_MAX_CLUES]
+    def _clue_table(self) -> dict[str, _Clue | tuple[()]]:
+        """Every word the model knows: a clue if it is strong enough to be one, with
+        what _combine_clues() needs of it, else ``()``. Worked out once per model
+        instead of once per message and word."""
+        if self._table_for != (self.promotional, self.ham):
+            table: dict[str, _Clue | tuple[()]] = {}
+            for token in self._counts:
+                f = self._prob(token)
+                if f is not None and abs(f - 0.5) >= _MIN_STRENGTH:
+                    table[token] = (-abs(f - 0.5), token, f, math.log(max(f, 1e-300)),
+                                    math.log(max(1.0 - f, 1e-300)))
+                else:
+                    table[token] = ()
+            self._table, self._table_for = table, (self.promotional, self.ham)
+        return self._table
+
+    def _clues(self, words: set[str]) -> tuple[list[_Clue], int]:
+        """The strongest clues among ``words``, strongest first (ties by word), and how
+        many of the words the model knows."""
+        found = list(map(self._clue_table().get, words))
+        known = len(found) - found.count(None)
+        clues: list[_Clue] = list(filter(None, found))  # type: ignore[arg-type]
+        clues.sort()
+        return clues[:_MAX_CLUES], known
 
     def probability(self, tokens: Iterable[str]) -> float:
         """How promotional the words are, 0..1 (0.5: the model cannot tell)."""
-        return _combine([f for f, _t in self._clues(tokens)])
+        return _combine_clues(self._clues(set(tokens))[0])
 
     def judge(self, tokens: Iterable[str], n: int = 5) -> Verdict:
         """The probability, how much of the message the model knows, and its clues."""
         words = set(tokens)
-        clues = self._clues(words)
-        prob = _combine([f for f, _t in clues])
-        known = sum(1 for t in words if t in self._counts)
+        clues, known = self._clues(words)
+        prob = _combine_clues(clues)
         coverage = known / len(words) if words else 0.0
-        strong = sorted((c for c in clues if c[0] > 0.5), key=lambda c: (-c[0], c[1]))
+        strong = sorted((-c[2], c[1]) for c in clues if c[2] > 0.5)
         return Verdict(prob, coverage, tuple(t for _f, t in strong[:n]))
 
     def merged(self, other: Model) -> Model:
@@ -952,13 +1372,22 @@ class Verdict:
         return logit(self.probability) * min(1.0, self.coverage / FULL_COVERAGE)
 
 
-def _combine(probs: list[float]) -> float:
-    """Robinson's chi-squared combining of word probabilities (as SpamBayes does)."""
-    if not probs:
+# A clue: (sort key, word, probability, log(probability), log(1 - probability)). Sorting
+# clues sorts them strongest first, ties by word.
+_Clue = tuple[float, str, float, float, float]
+
+
+def _combine_clues(clues: list[_Clue]) -> float:
+    """Robinson's chi-squared combining of the clues' probabilities (as SpamBayes does),
+    from their logs worked out beforehand (see Model._clue_table)."""
+    if not clues:
         return 0.5
-    n = len(probs)
-    ham_log = sum(math.log(max(f, 1e-300)) for f in probs)
-    promo_log = sum(math.log(max(1.0 - f, 1e-300)) for f in probs)
+    ham_log = sum(map(itemgetter(3), clues))
+    promo_log = sum(map(itemgetter(4), clues))
+    return _combine_logs(len(clues), ham_log, promo_log)
+
+
+def _combine_logs(n: int, ham_log: float, promo_log: float) -> float:
     promo = 1.0 - _chi2q(-2.0 * promo_log, 2 * n)
     ham = 1.0 - _chi2q(-2.0 * ham_log, 2 * n)
     return (promo - ham + 1.0) / 2.0

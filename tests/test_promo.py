@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -425,3 +426,181 @@ def test_score_corpus_sample_regression(shipped: promo.Model) -> None:
             held[folder] += promo.score(path.read_bytes(), shipped).promotional
     assert held["promo"] >= 0.9 * seen["promo"], (held, seen)
     assert held["ham"] <= 0.02 * seen["ham"], (held, seen)
+
+
+# ------------------------------------------------------------------- fast paths
+# Scoring reads a message through shortcuts that must give exactly what the plain way
+# (gateway.message.split/parse, one regex over the whole text) gives; each is checked
+# against that plain way here, on the inputs that take a shortcut's edge cases.
+
+READ_CASES = [
+    pytest.param(mail(DISCUSSION, headers=REPLY), id="plain-post"),
+    pytest.param(mail(subject="Deal", html=ADVERT_HTML), id="html-only"),
+    pytest.param(mail("Both.\n", html="<p>Both.</p>"), id="alternative"),
+    pytest.param(b"From ann@example.net Sun Nov 22 10:00:00 2026\nSubject: mbox\n\nBody\n",
+                 id="mbox-from-line"),
+    pytest.param(b"Subject: one\r\n  two\r\n\tthree\r\nsubject: second\r\nTO: a@b.example\r\n"
+                 b"\r\nBody\r\n", id="folded-and-repeated"),
+    pytest.param(b" leading continuation\r\nSubject: after it\r\n\r\nBody\r\n",
+                 id="continuation-first"),
+    pytest.param(b"Subject: cr only\rTo: x@y.example\r\rBody\r", id="cr-line-ends"),
+    pytest.param(b"Subject: no blank line\r\nthis line starts the body\r\n", id="no-blank-line"),
+    pytest.param(b"Date  : Sun, 22 Nov 2026 10:00:00 +0000\r\nSubject: obsolete\r\n\r\nx\r\n",
+                 id="blank-before-colon"),
+    pytest.param(b"Subject: nameless next\r\n: value\r\n\r\nBody\r\n", id="nameless-field"),
+    pytest.param(b"Subject: s\r\nContent-Type: text/plain;\r\n charset=iso-8859-1\r\n"
+                 b"content-transfer-encoding: QUOTED-PRINTABLE\r\n\r\nCr=E8me\r\n",
+                 id="folded-content-type-qp"),
+    pytest.param(b"Subject: s\r\nCONTENT-TYPE: text/html\r\nContent-Disposition: inline\r\n"
+                 b"\r\n<p>Hi</p>\r\n", id="upper-case-mime-fields"),
+    pytest.param(b"Subject: s\r\nContent-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\n"
+                 b"Inner body\r\n", id="nested-message"),
+    pytest.param(b"Subject: caf\xc3\xa9 \xff\r\nX-Key: \xe9t\xe9\r\n\r\n\xe9t\xe9\r\n",
+                 id="raw-8bit-headers"),
+    pytest.param(b"", id="empty"),
+]
+
+
+@pytest.mark.parametrize("raw", READ_CASES)
+def test_read_fields_as_split_reads_them(raw: bytes) -> None:
+    from gateway.message import split
+
+    if raw.startswith(b"From "):
+        raw = raw.partition(b"\n")[2]
+    expected: dict[str, str] = {}
+    for f in split(raw).fields[:promo.MAX_FIELDS]:
+        expected.setdefault(f.name.lower(), f.value)
+    got = {n: promo._value(v) for n, v in promo._fields(raw).items()}
+    assert got == expected
+
+
+@pytest.mark.parametrize("raw", READ_CASES)
+def test_read_body_as_the_feedparser_reads_it(raw: bytes) -> None:
+    from gateway.message import parse
+
+    fast, full = promo._parse(raw), parse(raw)
+    assert fast.get_content_type() == full.get_content_type()
+    assert fast.get_content_charset() == full.get_content_charset()
+    assert fast.get("content-transfer-encoding") == full.get("content-transfer-encoding")
+    assert fast.get("content-disposition") == full.get("content-disposition")
+    assert fast.is_multipart() == full.is_multipart()
+    if not full.is_multipart():
+        assert fast.get_payload(decode=True) == full.get_payload(decode=True)
+
+
+TEXTS = [
+    pytest.param(DISCUSSION, id="discussion"),
+    pytest.param("Mail ann@example.net, bob.smith+list@mail.example.co.uk or a@b@c.example, "
+                 "not user@localhost nor @example.org or x@.example.", id="addresses"),
+    pytest.param("See https://example.org/a?b=1, www.Example.com/x, HTTP://UPPER.example, "
+                 "ftp://files.example/f, xhttp://no.example, _www.no.example and "
+                 "Https\u017f://long-s.example (see http://paren.example/x).", id="links"),
+    pytest.param("Crème brûlée, naïve café — the co-op's Straße, ſtrange K-\u212aelvin, "
+                 "İstanbul ıi, Ελληνικά, 日本語のテキストです, x2y3 ab1 a1b2c3 it’s "
+                 "'quoted' -dash- ___under a" + "b" * 30, id="unicode-words"),
+    pytest.param("ascii only: don't re-read 'quotes' -- a-b-c 9lives R2D2 abc123def x_y_z "
+                 "ok" + " word" * 50, id="ascii-words"),
+    pytest.param("", id="empty"),
+]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokens_addresses_found_as_the_pattern_finds_them(text: str) -> None:
+    assert list(promo._emails(text)) == [m.span() for m in promo._EMAIL.finditer(text)]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokens_links_found_as_the_plain_pattern_finds_them(text: str) -> None:
+    plain = re.compile(r"\b(?:https?://|ftp://|www\.)[^\s<>\"'()\[\]{}]+", re.I)
+    assert [m.span() for m in promo._URL.finditer(text)] == \
+        [m.span() for m in plain.finditer(text)]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_tokens_words_as_the_word_pattern_finds_them(text: str) -> None:
+    expected: list[str] = []
+    for word in dict.fromkeys(promo._WORD.findall(text.lower())):
+        if 3 <= len(word) <= 20:
+            if sum(c.isdigit() for c in word) < 2:
+                expected.append(word.strip("'’-").replace("’", "'"))
+        elif len(word) > 20 and promo._CJK.search(word):
+            expected.extend(word[i:i + 2] for i in range(min(len(word) - 1, 40)))
+    assert promo._words(text) == expected
+
+
+FOOTER_TEXTS = [
+    pytest.param("Thanks." + MAILMAN_FOOTER, id="mailman"),
+    pytest.param("Interesting." + YAHOO_FOOTER, id="yahoo-and-sponsor"),
+    # re.I takes the long s for an s: that footer is found by the case-blind patterns.
+    pytest.param("Thanks.\n_____\nDev mailing liſt\nhttps://lists.example.org/mailman/",
+                 id="long-s-takes-the-regex-path"),
+    pytest.param("> quoted" + MAILMAN_FOOTER.replace("\n", "\n> ") + "\n" + "More " * 200,
+                 id="quoted-footer"),
+    pytest.param("x" * 5000 + "\nThe Mailing List of nothing\n", id="beyond-the-span"),
+    pytest.param("Plain text, no footer at all.", id="none"),
+]
+
+
+@pytest.mark.parametrize("text", FOOTER_TEXTS)
+def test_footer_stripped_as_the_case_blind_patterns_strip_it(text: str) -> None:
+    expected, marker = text, promo._FOOTER_MARKER
+    for _round in range(3):
+        matches = list(marker.finditer(expected, max(0, len(expected) - promo._FOOTER_SPAN)))
+        found = matches[-1] if matches else None
+        if found is None or len(expected) - found.end() > promo._FOOTER_REACH:
+            break
+        cut = expected.rfind("\n", 0, found.start()) + 1
+        for sep in promo._FOOTER_SEPARATOR.finditer(
+                expected, max(0, found.start() - promo._FOOTER_REACH), found.start() + 1):
+            cut = sep.start()
+        expected, marker = expected[:cut].rstrip(), promo._FOOTER_OR_SPONSOR
+    assert promo._strip_list_footer(text) == expected
+
+
+PHRASE_TEXTS = [
+    "click here to buy now! order now, act now. pre-order now. limited time only",
+    "call now toll free 1-888-555-0199 or (800) 555-0100; 18005550100 is no number",
+    "save 50% off! $19.99, 49.95 €, 20 dollars, usd 5, eur 10 euros — $1 and $2 in sh",
+    "this is not spam. to be removed from our mailing list reply remove. unsubscribe here",
+    "work from home and earn $5,000 per week; lower interest rates, refinance today",
+    "no phrase at all in this ordinary sentence about linkers",
+]
+
+
+@pytest.mark.parametrize("text", PHRASE_TEXTS)
+def test_signal_phrases_found_as_each_pattern_finds_them(text: str) -> None:
+    scanned = promo._Text(text)
+    prefixes = frozenset(w[:4] for w in promo._WORD.findall(text))
+    for family in (promo._CALL_TO_ACTION, promo._DISCOUNT, promo._URGENCY, promo._MONEY,
+                   promo._OPT_OUT, promo._NOT_SPAM):
+        expected: list[str] = []
+        for phrase in family.items:
+            if phrase.key is not None and phrase.key not in prefixes:
+                continue
+            if phrase.needs is not None and not any(c in text for c in phrase.needs):
+                continue
+            for m in phrase.pattern.finditer(text):
+                before = text[m.start() - 1:m.start()]
+                if not (before.isalnum() or before in ("_", "$")):
+                    expected.append(" ".join(m.group().split()))
+        assert family.find(scanned) == expected
+    assert promo._toll_free(text) == [
+        f"toll-free {m.group()}" for m in promo._TOLL_FREE.finditer(text)
+        if not text[m.start() - 1:m.start()].isdigit()][:promo.MAX_DETAIL_ITEMS]
+    price = promo._price(text)
+    found = [" ".join(m.group().split()) for m in promo._PRICE.finditer(text)
+             if any(c in text for c in promo._CURRENCY_HINTS)]
+    found = [f for f in found if not promo._SHELL_VAR.match(f)]
+    assert (price.detail if price else None) == \
+        (f"prices: {promo._quoted(found)}" if found else None)
+
+
+def test_model_clue_table_follows_what_it_learns() -> None:
+    model = promo.Model.empty()
+    model.learn(["cheap", "pills"], promotional=True)
+    model.learn(["patch", "review"], promotional=False)
+    before = model.probability(["cheap", "patch"])
+    for _ in range(5):
+        model.learn(["cheap", "patch"], promotional=True)
+    assert model.probability(["cheap", "patch"]) > before
+    assert model.judge(["cheap"]).clues == ("cheap",)
