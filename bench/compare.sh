@@ -98,7 +98,7 @@ lg_workloads="$workloads"
 version="$("$(dirname "$LISTGATE_BIN")/python" -c \
     'import importlib.metadata as m; print(m.version("listgate"))' 2>/dev/null || echo unknown)"
 commit="$(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || true)"
-lg_label="listgate-$version${commit:++$commit}-$proto"
+lg_label="listgate-$version${commit:++$commit}-$proto${LISTGATE_BENCH_PERSONALIZE:+-personalize-$LISTGATE_BENCH_PERSONALIZE}"
 mm_label="mailman-3.3.10${MM_SLEEP_TIME:+-sleep$MM_SLEEP_TIME}"
 
 stamp="$(date +%Y%m%d-%H%M%S)"

@@ -26,6 +26,9 @@
 #                                          queue rows); default: SQLite in the state folder,
 #                                          deleted on every start
 #   LISTGATE_BENCH_LOG_LEVEL=INFO          [log] level of serve
+#   LISTGATE_BENCH_PERSONALIZE=on|off      `lists set --personalize` at prepare (default: the
+#                                          list's default, on: one copy per member with their
+#                                          own links; off: 100 recipients per transaction)
 #   LISTGATE_BENCH_CONFIG_EXTRA=           more TOML appended to listgate.toml (e.g. a
 #                                          "[delivery]"-free section such as "[fanout]\nchunk = 500")
 #   Any LISTGATE_<SECTION>_<KEY> in the environment overrides the written config, as usual.
@@ -221,6 +224,10 @@ prepare)
         *) log "prepare: unknown mode $mode (regular, mime or plain)"; exit 2 ;;
     esac
     sync_members "$list" "$members" "$mode"
+    if [ -n "${LISTGATE_BENCH_PERSONALIZE:-}" ]; then
+        lg lists set "$list" --personalize "$LISTGATE_BENCH_PERSONALIZE" >&2
+        if p="$(serve_pid)"; then kill -HUP "$p"; sleep 1; fi  # re-read the lists now
+    fi
     # The daemon re-reads the list directory every few seconds: posts sent before it
     # knows a new list would get 550 at RCPT. Wait until it routes the list.
     for _ in $(seq 1 60); do
@@ -248,7 +255,7 @@ check)
     fi
     ;;
 *)
-    sed -n '2,31p' "$0" >&2
+    sed -n '2,34p' "$0" >&2
     exit 2
     ;;
 esac
