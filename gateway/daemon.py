@@ -201,6 +201,8 @@ class Daemon:
         # A run still going when the next is due is skipped (max_instances=1): wanted,
         # and not worth a warning every time.
         logging.getLogger("apscheduler.scheduler").setLevel(logging.ERROR)
+        # Nor is every run of every job ("Running job ...", "executed successfully").
+        logging.getLogger("apscheduler.executors.default").setLevel(logging.WARNING)
         for job, every in ((moderation.sweep, config.moderation.sweep_interval),
                            (digest.tick, config.digest.tick),
                            (bounces.sweep, config.bounces.sweep_interval)):
