@@ -9,9 +9,10 @@ from gateway.errors import AddressError
 
 # A dot-atom local part (RFC 5322 3.4.1) without the characters that old
 # relays treat as routing: '%' (percent hack) and '!' (bang path).
-_LOCAL = re.compile(r"^[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*$")
-_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
-_LIST_NAME = re.compile(r"^(?!.*\.\.)[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?$")
+_LOCAL = re.compile(r"[A-Za-z0-9#$&'*+/=?^_`{|}~-]+(\.[A-Za-z0-9#$&'*+/=?^_`{|}~-]+)*")
+_LABEL = re.compile(r"(?!-)[a-z0-9-]{1,63}(?<!-)")
+# All three are used with fullmatch: "^...$" would let a final newline through.
+_LIST_NAME = re.compile(r"(?!.*\.\.)[a-z0-9](?:[a-z0-9._-]{0,62}[a-z0-9])?")
 
 
 def split(address: str) -> tuple[str, str]:
@@ -30,7 +31,7 @@ def split(address: str) -> tuple[str, str]:
         raise AddressError(f"{address!r}: not of the form local@domain")
     if local.startswith('"'):
         raise AddressError(f"{address!r}: quoted local parts are not accepted")
-    if not _LOCAL.match(local):
+    if not _LOCAL.fullmatch(local):
         raise AddressError(f"{address!r}: the local part has characters that are not accepted")
     return local, normalise_domain(domain)
 
@@ -43,7 +44,7 @@ def normalise_domain(domain: str) -> str:
     except UnicodeError as exc:
         raise AddressError(f"{domain!r}: not a valid domain name") from exc
     labels = ascii_domain.split(".")
-    if len(labels) < 2 or not all(_LABEL.match(label) for label in labels):
+    if len(labels) < 2 or not all(_LABEL.fullmatch(label) for label in labels):
         raise AddressError(f"{domain!r}: not a valid domain name")
     return ascii_domain
 
@@ -57,7 +58,7 @@ def normalise(address: str) -> str:
 def check_list_name(name: str) -> str:
     """A list's local part: lower-case letters, digits, dot, dash and underscore."""
     name = name.lower()
-    if not _LIST_NAME.match(name):
+    if not _LIST_NAME.fullmatch(name):
         raise AddressError(
             f"{name!r}: a list name is 1-64 lower-case letters, digits, '.', '-' or '_', "
             "starting and ending with a letter or digit, with no '..'"
