@@ -1,15 +1,35 @@
 """The bounces stage: delivery reports and the smarthost's refusals become members' bounce scores.
 
 Scoring is GNU Mailman's. A bounce is attributed to a member of the list — by the
-VERP address it came back to, by the probe token of its return path, by the
-addresses a delivery report names, or by the smarthost refusing a recipient with a
-5xx — and a member's score rises by 1 for a hard (permanent) bounce and by 0.5 for a
-soft one, at most once a day. A score whose last bounce is older than ``stale_after``
-starts again from 0. At ``threshold`` delivery to the member is disabled, the member
-gets a notice that is also the first probe (reply to stay subscribed), and the owners
-are told. A further probe goes every ``probe_interval``; a member who answers one is
-enabled again with a clean score; one whose probe bounces hard, or who stays silent
-for ``remove_after``, is removed and the owners are told.
+signed VERP address it came back to, by the probe token of its return path, or by the
+smarthost refusing a recipient with a 5xx — and a member's score rises by 1 for a hard
+(permanent) bounce and by 0.5 for a soft one, at most once a day. A score whose last
+bounce is older than ``stale_after`` starts again from 0. At ``threshold`` delivery to
+the member is disabled, the member gets a notice that is also the first probe (reply
+to stay subscribed), and the owners are told. A further probe goes every
+``probe_interval``; a member who answers one is enabled again with a clean score; one
+whose probe bounces hard, or who stays silent for ``remove_after``, is removed and the
+owners are told.
+
+Only what a forger cannot write counts against a member. Unlike Mailman, which
+counts any report that names a member, this stage counts a report only when it came
+back to a return path that we made for that member: the signed VERP address
+``LIST-bounces+bob=example.net+TAG@`` (TAG an HMAC of the list's and the member's
+addresses under the installation's key, gateway.dsn.signed_verp), or a probe's
+``LIST-bounces+TOKEN@`` (a random token, stored). A report to the plain
+``LIST-bounces@``, to an untagged or wrongly tagged VERP address, or to any other
+detail is read and journalled as ``bounce-unverified`` and counts against nobody:
+whoever sent it chose the addresses it names. Genuine bounces still count because
+every personalised copy goes out from its member's signed return path.
+
+The exception is a list with personalisation off (``listgate lists set LIST
+--personalize off``): its posts go out from the plain address, one copy for up to a
+hundred members, so a report there is believed as Mailman believes it, and a forger
+who knows a member's address can get them disabled (the member is probed before
+anything is removed, and a probe's token cannot be forged). Not scored: late bounces
+of personalised lists' mail that went out from the plain address (notices; members
+whose signed return path would pass RFC 5321's 64 octets; no web endpoint); for those
+only the smarthost's own refusals count.
 
 What is no bounce at all: auto-replies and challenge/response mail (the report
 parser says so), and warnings that delivery is merely delayed. Nothing here ever
@@ -34,7 +54,7 @@ from sqlalchemy.engine import Connection, Row
 from gateway import journal, lists, outgoing, queue, tokens
 from gateway.clock import Clock
 from gateway.config import BouncesConfig
-from gateway.dsn import BounceReport, parse_bounce, verp_decode
+from gateway.dsn import BounceReport, parse_bounce, verp_parse, verp_verified
 from gateway.errors import LeaseLost
 from gateway.lists import MailingList, Member
 from gateway.notices import Notice, compose
@@ -43,6 +63,7 @@ from gateway.queue import Claimer
 from gateway.routing import Stage
 from gateway.schema import RoleName, bounce_events, delivery_failures, members, messages, work
 from gateway.schema import tokens as tokens_table
+from gateway.signing import LinkSigner
 from gateway.store import Store
 from gateway.templates import Templates
 from gateway.worker import Progress
@@ -72,8 +93,8 @@ _STILL_TRYING = re.compile(
 class Source(enum.StrEnum):
     """Where a bounce was learnt (bounce_events.source)."""
 
-    DSN = "dsn"      # addresses named by a report sent to LIST-bounces@
-    VERP = "verp"    # a report sent to LIST-bounces+member=domain@
+    DSN = "dsn"      # addresses named by a report sent to LIST-bounces@ (no longer counted)
+    VERP = "verp"    # a report sent to LIST-bounces+member=domain+TAG@
     SMTP = "smtp"    # the smarthost refused the recipient (delivery_failures)
     PROBE = "probe"  # a report, or a refusal, of a probe
 
@@ -329,14 +350,17 @@ class Received:
     source: Source
     came_to: str  # which -bounces address, in words, for the record
     reason: str  # what the report parser made of it
+    unverified: str | None = None  # why its return path proves nothing; None if it does
 
 
 class Bounces:
     stage = Stage.BOUNCES
 
     def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, templates: Templates,
-                 settings: BouncesConfig, retry_delay: float, batch: int = 16) -> None:
+                 settings: BouncesConfig, signer: LinkSigner, retry_delay: float,
+                 batch: int = 16) -> None:
         self.store = store
+        self.signer = signer
         self.clock = clock
         self.claimer = claimer
         self.templates = templates
@@ -370,19 +394,39 @@ class Bounces:
                                .where(messages.c.id == row.message_id)).one()
             lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
             token = tokens.find(conn, detail) if _TOKEN.fullmatch(detail) else None
-        member, source = None, Source.DSN
+        member, source, unverified = None, Source.DSN, None
+        verp = verp_parse(detail) if detail else None
         if lst is not None and token is not None and token.kind is tokens.Kind.PROBE \
                 and token.list_id == lst.id:
             member, source = token.address, Source.PROBE
-        elif detail and (verp := verp_decode(detail)) is not None:
-            member, source = verp, Source.VERP
+        elif lst is not None and verp is not None and verp_verified(
+                detail, list_address=lst.address, signer=self.signer) is not None:
+            member, source = verp.member, Source.VERP
+        elif verp is not None:
+            # Who it claims to be about, for the record; it counts against nobody.
+            member, source = verp.member, Source.VERP
+            if verp.tag is None:
+                unverified = "its VERP return path carries no tag (anyone can write it)"
+            else:
+                unverified = ("the tag of its VERP return path is not the one we gave "
+                              "(forged, or made under another key)")
+        elif detail:
+            unverified = "its return path is neither a member's nor a probe's"
+        elif lst is not None and not lst.personalize:
+            # This list's posts go out from the plain address, one copy for many members:
+            # its bounces can only be read as Mailman reads them, believing the report.
+            pass
+        else:
+            unverified = ("it came to the plain -bounces address, where anyone can say "
+                          "anything about anyone, and this list's copies go out from "
+                          "each member's signed return path")
         # Pure and bounded, but not free: parsed outside any transaction.
         report = parse_bounce(msg.raw)
         finding = read_report(msg.raw, report, member=member)
         came_to = ("a probe's return path" if source is Source.PROBE
                    else f"bounces+{detail[:100]}" if detail else "the plain -bounces address")
         return Received(row.id, row.message_id, msg.message_id, lst, finding, source,
-                        came_to, report.reason)
+                        came_to, report.reason, unverified)
 
     def _handle(self, r: Received, progress: Progress) -> None:
         now = self.clock.now()
@@ -400,6 +444,13 @@ class Bounces:
             if r.finding.ignored is not None:
                 _journal(conn, lst, now, "bounce-ignored", r.message_id,
                          f"{r.finding.ignored} (sent to {r.came_to})",
+                         r.header_message_id)
+                return
+            if r.unverified is not None:
+                named = ", ".join(a for a, _p in r.finding.bounced) or "nobody we can read"
+                _journal(conn, lst, now, "bounce-unverified", r.message_id,
+                         f"a bounce naming {named[:500]}, counted against nobody: "
+                         f"{r.unverified} ({r.reason}; sent to {r.came_to})",
                          r.header_message_id)
                 return
             wanted = dict(r.finding.bounced)

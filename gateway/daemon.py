@@ -159,7 +159,7 @@ class Daemon:
         digest = Digest(store, clock=self.clock, claimer=claimer, templates=templates,
                         public_url=public_url, chunk=config.digest.chunk, retry_delay=retry)
         bounces = Bounces(store, clock=self.clock, claimer=claimer, templates=templates,
-                          settings=config.bounces, retry_delay=retry)
+                          settings=config.bounces, signer=signer, retry_delay=retry)
         batch_stages: list[tuple[Stage, Callable[[Progress], Progress]]] = [
             (Stage.MODERATION, moderation.run_once),
             (Stage.COMMANDS, Commands(store, clock=self.clock, claimer=claimer,

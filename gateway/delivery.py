@@ -27,7 +27,7 @@ from gateway import outgoing, queue
 from gateway.authentication import AuthResults, SigningKeys, results_from_json, sign_and_seal
 from gateway.clock import Clock
 from gateway.config import DeliveryConfig
-from gateway.dsn import verp_encode
+from gateway.dsn import signed_verp
 from gateway.errors import (
     DeliveryError,
     PermanentDeliveryError,
@@ -249,7 +249,8 @@ class Delivery:
 
     def _copies(self, job: Job, content: Content) -> list[tuple[str, str, bytes]]:
         """Each member's own copy: their links, their signature, their VERP return path
-        (so that a bounce names them). CPU work, done in a worker thread."""
+        (so that a bounce names them, with a tag that only we can write: a bounce to
+        it counts). CPU work, done in a worker thread."""
         assert self.link_signer is not None and job.list_id is not None
         bounces, _, domain = job.envelope_from.partition("@")
         list_name = bounces.removesuffix("-bounces")
@@ -258,7 +259,8 @@ class Delivery:
             address, _sep, member_id = line.partition(" ")
             token = self.link_signer.member_token(job.list_id, int(member_id), address)
             data = self._sign(job, content, personalise(content.data, token))
-            copies.append((address, verp_encode(list_name, domain, address), data))
+            copies.append((address, signed_verp(list_name, domain, address,
+                                                self.link_signer), data))
         return copies
 
     async def _send_each(self, job: Job, content: Content) -> Outcome:

@@ -58,11 +58,13 @@ from gateway import addresses
 from gateway import headers as h
 from gateway.errors import AddressError
 from gateway.message import decode_header, parse
+from gateway.signing import LinkSigner
 
 log = logging.getLogger(__name__)
 
 VERP_DELIMITER = "+"
 VERP_AT = "="
+MAX_LOCAL_PART = 64  # octets, RFC 5321 4.5.3.1.1
 
 
 @dataclass(frozen=True)
@@ -88,14 +90,21 @@ class BounceReport:
 #     so the LAST '=' of the detail is the one that stood for '@', and an '=' or '-'
 #     in the member's local part stays in the local part.
 # Every character of the result is dot-atom text, so the address needs no quoting.
+#
+# That form is guessable, so anyone could send "bounces" to it: what delivery uses is
+# the signed form, with a keyed tag (LinkSigner.verp_tag) after the member's domain:
+# discuss-bounces+bob=example.net+k7abq2xyzmn4@example.org. A domain never holds '+',
+# so a '+' after the last '=' starts the tag, and the untagged form never has one.
 
 
 def verp_encode(list_name: str, domain: str, member: str) -> str:
-    """The VERP return path that brings ``member``'s bounces back to the list.
+    """The untagged VERP address of ``member`` (Mailman's form), of any length.
 
     ``verp_encode("discuss", "example.org", "bob@example.net")`` is
-    ``"discuss-bounces+bob=example.net@example.org"``. Raises :class:`AddressError`
-    when the member, the list name or the result is not an address Listgate accepts.
+    ``"discuss-bounces+bob=example.net@example.org"``. Anyone can write it, so the
+    bounces stage counts nothing sent to it: return paths come from :func:`signed_verp`.
+    Raises :class:`AddressError` when the member, the list name or the result is not an
+    address Listgate accepts.
     """
     name = addresses.check_list_name(list_name)
     local, member_domain = addresses.normalise(member).rsplit("@", 1)
@@ -105,17 +114,69 @@ def verp_encode(list_name: str, domain: str, member: str) -> str:
     return addresses.normalise(verp)
 
 
-def verp_decode(detail: str) -> str | None:
-    """The member address in a VERP detail (``"bob=example.net"``), normalised, or None."""
+def signed_verp(list_name: str, domain: str, member: str, signer: LinkSigner) -> str:
+    """The return path of ``member``'s copies: the VERP address with its keyed tag.
+
+    ``discuss-bounces+bob=example.net+TAG@example.org``. When that local part would be
+    longer than RFC 5321 allows (64 octets), the plain ``discuss-bounces@example.org``:
+    a report that comes back to it is read, but counts against nobody (anyone can
+    send one there), so such a member's bounces are not scored. Raises
+    :class:`AddressError` as :func:`verp_encode` does.
+    """
+    local, _, list_domain = verp_encode(list_name, domain, member).rpartition("@")
+    name = addresses.check_list_name(list_name)
+    tag = signer.verp_tag(f"{name}@{list_domain}", addresses.normalise(member))
+    local = f"{local}{VERP_DELIMITER}{tag}"
+    if len(local) > MAX_LOCAL_PART:
+        return f"{name}-bounces@{list_domain}"
+    return f"{local}@{list_domain}"
+
+
+@dataclass(frozen=True)
+class Verp:
+    """What a VERP detail says: the member it names, and the tag it carries."""
+
+    member: str  # normalised
+    tag: str | None  # None in the untagged form
+
+
+def verp_parse(detail: str) -> Verp | None:
+    """The member (unverified) and tag of a VERP detail, or None if it names nobody.
+
+    ``"bob=example.net+k7abq2xyzmn4"`` and the untagged ``"bob=example.net"`` both
+    name bob@example.net.
+    """
     if not isinstance(detail, str) or "@" in detail:
         return None
     local, at, domain = detail.rpartition(VERP_AT)
+    domain, plus, tag = domain.partition(VERP_DELIMITER)
     if not at or not local or not domain:
         return None
     try:
-        return addresses.normalise(f"{local}@{domain}")
+        member = addresses.normalise(f"{local}@{domain}")
     except AddressError:
         return None
+    return Verp(member, tag if plus else None)
+
+
+def verp_decode(detail: str) -> str | None:
+    """The member a VERP detail names, tagged or not, normalised, or None.
+
+    Unverified: anyone can write a detail; :func:`verp_verified` says whether we did.
+    """
+    verp = verp_parse(detail)
+    return verp.member if verp is not None else None
+
+
+def verp_verified(detail: str, *, list_address: str, signer: LinkSigner) -> str | None:
+    """The member a VERP detail names, if its tag is the one we gave that member's copies
+    of the list at ``list_address``; None for an untagged, wrongly tagged or junk detail."""
+    verp = verp_parse(detail)
+    if verp is None or verp.tag is None:
+        return None
+    if not signer.verify_verp_tag(verp.tag, list_address=list_address, member=verp.member):
+        return None
+    return verp.member
 
 
 # --- Reading the message -----------------------------------------------------------

@@ -5,6 +5,10 @@ id and address, under the installation's secret key. It needs no storage, cannot
 be forged without the key, and names exactly one member: a link is worthless for
 another member or another list, and dies when the member leaves (a new
 subscription gets a new id). Tokens are compared in constant time.
+
+The same key tags VERP return paths (gateway.dsn.signed_verp): a tag is an HMAC-SHA256
+over the list's address and the member's, so that only a bounce to the return path
+we really used can count against a member; see :meth:`LinkSigner.verp_tag`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from gateway.errors import ConfigError
 
 _TOKEN = re.compile(r"(\d{1,18})-([a-z2-7]{32})")  # 18 digits: always within a BIGINT
 KEY_BYTES = 32
+# 12 base32 characters: 60 bits. A forger must guess them blind (each guess is a mail
+# to us), and the local part must stay within 64 octets, so longer buys little.
+VERP_TAG_LENGTH = 12
+_VERP_TAG = re.compile(rf"[a-z2-7]{{{VERP_TAG_LENGTH}}}", re.IGNORECASE | re.ASCII)
 
 # Content is made once for all members with this in every personal link; delivery
 # makes each member's copy with personalise(). URL-safe, and never wrapped or escaped
@@ -75,6 +83,21 @@ class LinkSigner:
         if m is None or int(m.group(1)) != member_id:
             return False
         return hmac.compare_digest(m.group(2), self._mac(list_id, member_id, address))
+
+    def verp_tag(self, list_address: str, member: str) -> str:
+        """The tag of ``member``'s VERP return path on the list at ``list_address``.
+
+        Lower-case base32, so that it survives an MTA that changes the case of a
+        local part; its own "verp" prefix keeps it apart from the link tokens.
+        """
+        message = f"verp\0{list_address.lower()}\0{member.lower()}".encode()
+        digest = hmac.new(self._key, message, hashlib.sha256).digest()
+        return base64.b32encode(digest).decode("ascii").lower()[:VERP_TAG_LENGTH]
+
+    def verify_verp_tag(self, tag: str, *, list_address: str, member: str) -> bool:
+        if _VERP_TAG.fullmatch(tag) is None:
+            return False
+        return hmac.compare_digest(tag.lower(), self.verp_tag(list_address, member))
 
     @classmethod
     def from_file(cls, path: Path, *, create: bool = False) -> LinkSigner:

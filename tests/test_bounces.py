@@ -29,7 +29,7 @@ from gateway.bounces import Bounces, Finding, read_report, record
 from gateway.cli import main as cli_main
 from gateway.clock import ManualClock
 from gateway.config import BouncesConfig, Config, Seconds, load
-from gateway.dsn import parse_bounce, verp_encode
+from gateway.dsn import parse_bounce, signed_verp, verp_encode
 from gateway.lists import MailingList, Member
 from gateway.queue import Claimer
 from gateway.schema import (
@@ -42,6 +42,7 @@ from gateway.schema import (
     outbound,
     work,
 )
+from gateway.signing import LinkSigner
 from gateway.store import Store
 from gateway.templates import Templates
 from tests.conftest import LIST, MEMBERS
@@ -60,7 +61,9 @@ START = 1_800_000_000.0  # 2027-01-15 08:00 UTC
 DAY = 86400.0
 OWNER, BOB, CAROL = MEMBERS  # alice is the list's owner (tests.conftest)
 BOUNCES_ADDRESS = "discuss-bounces@example.org"
-BOB_VERP = verp_encode("discuss", "example.org", BOB)
+# Mailman's VERP address: anyone can write it, so nothing sent to it counts.
+GUESSABLE_BOB_VERP = verp_encode("discuss", "example.org", BOB)
+TAGGED = re.compile(r"discuss-bounces\+bob=example\.net\+[a-z2-7]{12}@example\.org")
 SETTINGS = BouncesConfig()
 # For what does not depend on the database (the SQL of scoring and sweeping runs on both).
 SQLITE_ONLY = pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
@@ -120,10 +123,20 @@ def config(config_path: Path) -> Config:
     return load(config_path)
 
 
+def key_of(config: Config) -> LinkSigner:
+    """The daemon's own key: it reads the same file (and makes it if it is not there yet)."""
+    return LinkSigner.from_file(config.web.secret_file, create=True)
+
+
+def verp_of(config_path: Path, address: str = BOB) -> str:
+    """The signed return path of ``address``'s copies, as the daemon makes it."""
+    return signed_verp("discuss", "example.org", address, key_of(load(config_path)))
+
+
 def stage(store: Store, config: Config, clock: ManualClock) -> Bounces:
     return Bounces(store, clock=clock, claimer=Claimer("tests:bounces", 30.0, 3),
                    templates=Templates(config.paths.templates), settings=config.bounces,
-                   retry_delay=1.0)
+                   signer=key_of(config), retry_delay=1.0)
 
 
 def count(store: Store, table: sa.Table, *where: sa.ColumnElement[bool]) -> int:
@@ -247,8 +260,10 @@ def test_bounces_dsns_of_members_copies_disable_delivery_end_to_end(
         for day in range(1, 6):
             gw.send(OWNER, LIST, post(OWNER, LIST, f"Day {day}"))
             envelope, copy = copy_of(sink, BOB, f"Day {day}")
-            # bob's copy names him in its return path; that is where his bounces come to.
-            assert envelope == BOB_VERP
+            # bob's copy names him in its return path, with a tag that only the daemon
+            # can write; that is where his bounces come to.
+            assert TAGGED.fullmatch(envelope), envelope
+            assert envelope == verp_of(config_path)
             report = dsn(BOB, to=envelope, original=copy)
             assert parse_bounce(report).permanent == {BOB}
             send_bounce(gw, envelope, report)
@@ -288,13 +303,13 @@ def test_bounces_dsns_of_members_copies_disable_delivery_end_to_end(
         copy_of(sink, OWNER, "After the bounces")
         assert not [m for _f, m in mail_to(sink, BOB) if "After the" in str(m["Subject"])]
 
-        # bob answers the probe: delivery resumes, with his VERP return path again.
+        # bob answers the probe: delivery resumes, with his signed return path again.
         gw.send(BOB, confirm, post(BOB, confirm, "Re: disabled", "Still here!\n"))
         wait_until(lambda: member(store).enabled is True,  # type: ignore[union-attr]
                    what="bob to be enabled")
         settle(store)
         gw.send(OWNER, LIST, post(OWNER, LIST, "Welcome back"))
-        assert copy_of(sink, BOB, "Welcome back")[0] == BOB_VERP
+        assert copy_of(sink, BOB, "Welcome back")[0] == verp_of(config_path)
     # Nothing ever went back to a bounce's sender (the null return path, MAILER-DAEMON).
     assert not mail_to(sink, "MAILER-DAEMON@mx.example.net")
     assert {r for r, _d in sink.handler.copies()} == {OWNER, BOB, CAROL}
@@ -337,7 +352,8 @@ def test_bounces_probe_that_bounces_hard_removes_the_member(
     with running(config_path, clock) as gw:
         [(envelope, _notice)] = wait_for_mail(sink, BOB)
         # A late bounce of an earlier post to bob's VERP address removes nobody ...
-        send_bounce(gw, BOB_VERP, dsn(BOB, to=BOB_VERP))
+        bob_verp = verp_of(config_path)
+        send_bounce(gw, bob_verp, dsn(BOB, to=bob_verp))
         drain(store)
         assert member(store) is not None
         assert events(store)[-1] == (True, "verp", False)
@@ -498,10 +514,11 @@ def test_bounces_delay_warnings_and_auto_replies_count_for_nothing(
     # messages and challenge/response mail, sent to bob's VERP address.
     files = manifest({"temporary", "not-a-bounce"})
     assert len(files) >= 15
+    bob_verp = verp_of(config_path)
     with running(config_path, ManualClock(START)) as gw:
         with gw.smtp() as client:
             for name in files:
-                client.sendmail("", [BOB_VERP], as_sent((corpus / "bounces" / name).read_bytes()))
+                client.sendmail("", [bob_verp], as_sent((corpus / "bounces" / name).read_bytes()))
         drain(store)
     assert events(store) == []
     ignored = [d for e, d in journal_events(store) if e == "bounce-ignored"]
@@ -545,7 +562,8 @@ def test_bounces_every_corpus_file_over_smtp_without_a_crash_or_backscatter(
         rows = list(csv.DictReader(f, delimiter="\t"))
     with open(corpus / "odd" / "MANIFEST.tsv", newline="", encoding="utf-8") as f:
         odd = [corpus / "odd" / r["file"] for r in csv.DictReader(f, delimiter="\t")]
-    # Everyone the bounces name is a member, so that bounces are attributed and scored.
+    # Everyone the bounces name is a member; even so, only those that came to bob's
+    # signed return path are attributed (to him), and those to -bounces@ to nobody.
     named = {a for r in rows for a in re.findall(r"[^\s,;<>]+@[^\s,;<>]+", r["expected"])}
     with store.write() as conn:
         lst = lists.get(conn, LIST)
@@ -558,6 +576,7 @@ def test_bounces_every_corpus_file_over_smtp_without_a_crash_or_backscatter(
         for line in ORIGINATORS.findall(path.read_bytes()[:20000]):
             senders.update(a.decode("latin-1").lower() for a in EMAIL.findall(line))
     refused = 0
+    bob_verp = verp_of(config_path)
     with running(config_path, ManualClock(START)) as gw:
         # The daemon reads them as they come in.
         with gw.smtp() as client:
@@ -565,7 +584,7 @@ def test_bounces_every_corpus_file_over_smtp_without_a_crash_or_backscatter(
                 # Bounces come from the null sender, the odd files from a person; half
                 # of them go to a member's VERP address.
                 mail_from = "" if i < len(rows) else "someone@sender.example"
-                to = BOB_VERP if i % 2 else BOUNCES_ADDRESS
+                to = bob_verp if i % 2 else BOUNCES_ADDRESS
                 try:
                     client.sendmail(mail_from, [to], as_sent(path.read_bytes()))
                 except smtplib.SMTPResponseException:
@@ -584,8 +603,11 @@ def test_bounces_every_corpus_file_over_smtp_without_a_crash_or_backscatter(
                       for a in r.split("\n")}
     assert refused <= 2 and taken == accepted and parked == 0
     assert len(ends) == accepted  # every message read, and the journal says how
-    # Bounces were attributed to the members they name ...
+    # Bounces to bob's return path were attributed to him, and to nobody else ...
     assert len(events_by_source(store)) > 50
+    assert set(events_by_source(store)) == {"verp"} and len(events(store)) > 50
+    unverified = [d for e, d in journal_events(store) if e == "bounce-unverified"]
+    assert len(unverified) > 50 and all("plain -bounces" in d for d in unverified)
     # ... yet one day of bounces disables nobody, so nobody gets mail at all, least of all
     # anyone who sent one of these messages.
     assert recipients == set() and sink.handler.count() == 0
@@ -610,7 +632,6 @@ def events_by_source(store: Store) -> list[str]:
 # -- forged and unreadable bounces change nothing ------------------------------------------------
 
 MALLORY = "mallory@evil.example"
-MALLORY_VERP = verp_encode("discuss", "example.org", MALLORY)
 # A real, if malformed, failure notice among the corpus's odd messages.
 ODD_BOUNCES = {"mime4j__mimetools-testmsgs__badbound.msg.eml"}
 
@@ -638,20 +659,24 @@ def unreadable() -> list[bytes]:
 @SQLITE_ONLY
 def test_bounces_foreign_forged_and_unreadable_bounces_change_nothing(
         config_path: Path, store: Store, sink: Sink) -> None:
+    # Return paths as the daemon signs them (here, as if mallory had once been a member).
+    mallory_verp, bob_verp = verp_of(config_path, MALLORY), verp_of(config_path)
+    guessed = verp_encode("discuss", "example.org", MALLORY)
     forged: list[tuple[str, str, bytes]] = [
         # A hard bounce for someone who is not on the list, at their VERP address ...
-        ("", MALLORY_VERP, dsn(MALLORY, to=MALLORY_VERP)),
+        ("", mallory_verp, dsn(MALLORY, to=mallory_verp)),
+        ("", guessed, dsn(MALLORY, to=guessed)),
         # ... and at the plain -bounces address.
         ("", BOUNCES_ADDRESS, dsn(MALLORY)),
         # A report of bob's mail that says it was delivered.
-        ("", BOB_VERP, dsn(BOB, action="delivered", status="2.0.0", to=BOB_VERP)),
-        ("", BOB_VERP, dsn(BOB, action="relayed", status="2.0.0", to=BOB_VERP)),
+        ("", bob_verp, dsn(BOB, action="delivered", status="2.0.0", to=bob_verp)),
+        ("", bob_verp, dsn(BOB, action="relayed", status="2.0.0", to=bob_verp)),
         # A person writing to bob's VERP address (or to -bounces) asking for him to go.
-        (MALLORY, BOB_VERP, post(MALLORY, BOB_VERP, "unsubscribe",
+        (MALLORY, bob_verp, post(MALLORY, bob_verp, "unsubscribe",
                                  "Please remove bob@example.net from the list.\n")),
         (MALLORY, BOUNCES_ADDRESS, post(MALLORY, BOUNCES_ADDRESS, "remove bob@example.net")),
     ]
-    junk = [("", BOB_VERP if i % 2 else BOUNCES_ADDRESS, raw)
+    junk = [("", bob_verp if i % 2 else BOUNCES_ADDRESS, raw)
             for i, raw in enumerate(unreadable())]
     with running(config_path, ManualClock(START)) as gw, gw.smtp() as client:
         for mail_from, to, raw in forged + junk:
@@ -665,7 +690,7 @@ def test_bounces_foreign_forged_and_unreadable_bounces_change_nothing(
     # ... every message was read and the journal says why it counted for nothing ...
     outcomes = [e for e, _d in journal_events(store)]
     assert len(outcomes) == len(forged) + len(junk)
-    assert set(outcomes) <= {"bounce-ignored", "bounce-unattributed"}
+    assert set(outcomes) <= {"bounce-ignored", "bounce-unattributed", "bounce-unverified"}
     assert count(store, work) == 0
     # ... and nobody got an answer: not the forger, not the list's owner, not bob.
     assert count(store, outbound) == 0 and sink.handler.count() == 0
@@ -674,7 +699,7 @@ def test_bounces_foreign_forged_and_unreadable_bounces_change_nothing(
 def test_bounces_a_guessed_probe_return_path_removes_nobody(
         config_path: Path, store: Store, sink: Sink) -> None:
     """Only a probe's real token makes a hard bounce remove a member at once; a
-    bounce to a made-up one is an ordinary bounce of a disabled member."""
+    bounce to a made-up one is not even recorded against the member it names."""
     clock = ManualClock(START)
     bounce_days(store, clock, 5)
     made_up = "discuss-bounces+" + "a" * 32 + "@example.org"
@@ -685,7 +710,83 @@ def test_bounces_a_guessed_probe_return_path_removes_nobody(
         drain(store)
     bob = member(store)
     assert bob is not None and not bob.enabled
-    assert events(store)[-1] == (True, "dsn", False)
+    assert events(store) == [(True, "verp", True)] * 5  # bounce_days's, and no more
     assert [e for e, _d in journal_events(store, "bounce-")] == [
-        "bounce-disabled", "bounce-uncounted"]
+        "bounce-disabled", "bounce-unverified"]
     assert len(mail_to(sink, OWNER)) == 1  # "disabled", and no "removed"
+
+
+def flipped(tag: str) -> str:
+    return ("b" if tag[0] == "a" else "a") + tag[1:]
+
+
+def test_bounces_forged_to_guessable_or_wrongly_tagged_return_paths_change_nothing(
+        config_path: Path, store: Store, sink: Sink) -> None:
+    """Mailman counts a bounce sent to LIST-bounces+bob=example.net@, which anyone can
+    write: five days of those disable bob there. Here, day after day of forged hard
+    bounces to every return path a forger can make up count for nothing, while one
+    real bounce to bob's real return path (read from his copy) counts."""
+    clock = ManualClock(START)
+    other_key = LinkSigner(b"a key that is not the daemon's!!")
+    with running(config_path, clock) as gw:
+        gw.send(OWNER, LIST, post(OWNER, LIST, "Hello"))
+        real, copy = copy_of(sink, BOB, "Hello")
+        assert TAGGED.fullmatch(real), real
+        tag = real.rpartition("@")[0].rpartition("+")[2]
+        carol_tag = verp_of(config_path, CAROL).rpartition("@")[0].rpartition("+")[2]
+        made_up = [
+            GUESSABLE_BOB_VERP,  # Mailman's form
+            real.replace(tag, flipped(tag)),  # one character of the tag changed
+            real.replace(f"+{tag}", f"+{tag[:-1]}"),  # cut short
+            real.replace(tag, carol_tag),  # carol's tag on bob's address
+            signed_verp("discuss", "example.org", BOB, other_key),  # another key
+            "discuss-bounces+" + "a" * 32 + "@example.org",  # a made-up probe
+            "discuss-bounces+remove-bob@example.org",
+            BOUNCES_ADDRESS,  # the plain address, naming bob
+        ]
+        assert real not in made_up
+        settle(store)
+        for day in range(6):
+            for to in made_up:
+                send_bounce(gw, to, dsn(BOB, to=to, original=copy))
+            drain(store)
+            assert count(store, bounce_events) == 0, day
+            bob = member(store)
+            assert bob is not None and bob.enabled and bob.bounce_score == 0
+            settle(store)
+            clock.advance(DAY)
+        unverified = [d for e, d in journal_events(store) if e == "bounce-unverified"]
+        assert len(unverified) == 6 * len(made_up)
+        assert all("counted against nobody" in d for d in unverified)
+        assert sum("carries no tag" in d for d in unverified) == 6
+        assert sum("not the one we gave" in d for d in unverified) == 6 * 4
+        # Nobody was told anything: not bob, not the owner, not the forger.
+        assert [m["Subject"] for _f, m in mail_to(sink, BOB)] == ["[Discuss] Hello"]
+        assert len(mail_to(sink, OWNER)) == 1
+
+        # The real return path still works: the test above could fail.
+        send_bounce(gw, real, dsn(BOB, to=real, original=copy))
+        wait_until(lambda: events(store) == [(True, "verp", True)], what="the real bounce")
+        assert member(store).bounce_score == 1.0  # type: ignore[union-attr]
+
+
+def test_bounces_of_a_list_without_personal_copies_are_read_at_the_plain_address(
+        config_path: Path, store: Store, sink: Sink) -> None:
+    """With personalisation off, copies go out from the plain -bounces address (one
+    copy for many members), so a report there is believed, as Mailman does; the
+    member is scored, and a report naming a stranger still counts for nobody."""
+    with store.write() as conn:
+        lists.update(conn, the_list(store), personalize=False)
+    clock = ManualClock(START)
+    with running(config_path, clock) as gw:
+        gw.send(OWNER, LIST, post(OWNER, LIST, "Hello"))
+        envelope_from, copy = copy_of(sink, BOB, "Hello")
+        assert envelope_from == BOUNCES_ADDRESS
+        send_bounce(gw, BOUNCES_ADDRESS, dsn(BOB, original=copy))
+        wait_until(lambda: events(store) == [(True, "dsn", True)], what="bob's bounce counted")
+        send_bounce(gw, BOUNCES_ADDRESS, dsn("stranger@example.net", original=copy))
+        drain(store)
+    assert member(store).bounce_score == 1.0  # type: ignore[union-attr]
+    assert [e for e, _d in journal_events(store) if e == "bounce-unattributed"] == \
+        ["bounce-unattributed"]
+    assert count(store, bounce_events) == 1

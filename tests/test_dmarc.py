@@ -13,9 +13,9 @@ import pytest
 
 from gateway.authentication import Resolver, verify
 from gateway.decorate import Trace, decorate_post
-from gateway.identity import ListIdentity
 from gateway.dmarc import Mitigation, needs_mitigation, rewrite_from, wrap
 from gateway.errors import ConfigError
+from gateway.identity import ListIdentity
 from gateway.message import normalise_eol, split
 from tests.helpers_unit import NO_CORPUS, corpus_files, parse_default
 from tests.support import CORPUS

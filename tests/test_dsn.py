@@ -1,8 +1,10 @@
-"""Bounce detection on real bounces from many MTAs, and VERP addresses that round-trip."""
+"""Bounce detection on real bounces from many MTAs, and VERP addresses that round-trip,
+signed with a tag that nobody without the key can write."""
 
 from __future__ import annotations
 
 import csv
+import re
 import string
 from pathlib import Path
 from typing import Any
@@ -12,8 +14,19 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from gateway import addresses
-from gateway.dsn import BounceReport, parse_bounce, verp_decode, verp_encode
+from gateway.dsn import (
+    MAX_LOCAL_PART,
+    BounceReport,
+    Verp,
+    parse_bounce,
+    signed_verp,
+    verp_decode,
+    verp_encode,
+    verp_parse,
+    verp_verified,
+)
 from gateway.errors import AddressError
+from gateway.signing import VERP_TAG_LENGTH, LinkSigner
 from tests.helpers_unit import NO_CORPUS, corpus_files
 from tests.support import CORPUS
 
@@ -308,3 +321,118 @@ def test_verp_decode_of_junk_is_none(detail: str) -> None:
 def test_verp_decode_gives_none_or_an_accepted_address(detail: str) -> None:
     decoded = verp_decode(detail)
     assert decoded is None or addresses.normalise(decoded) == decoded
+
+
+# -- signed VERP ---------------------------------------------------------------------------
+
+SIGNER = LinkSigner(b"the installation's key, 32 bytes")
+OTHER_KEY = LinkSigner(b"another installation's key, too!")
+BOB_SIGNED = signed_verp("discuss", "example.org", "bob@example.net", SIGNER)
+
+
+def verified(detail: str, signer: LinkSigner = SIGNER,
+             list_address: str = "discuss@example.org") -> str | None:
+    return verp_verified(detail, list_address=list_address, signer=signer)
+
+
+def test_verp_signed_form_is_the_verp_address_with_a_tag() -> None:
+    m = re.fullmatch(r"discuss-bounces\+bob=example\.net\+([a-z2-7]+)@example\.org", BOB_SIGNED)
+    assert m is not None, BOB_SIGNED
+    assert len(m.group(1)) == VERP_TAG_LENGTH
+    untagged = verp_encode("discuss", "example.org", "bob@example.net")
+    assert untagged.replace("@", f"+{m.group(1)}@") == BOB_SIGNED
+    detail = detail_of(BOB_SIGNED, "discuss")
+    assert verp_parse(detail) == Verp("bob@example.net", m.group(1))
+    assert verified(detail) == "bob@example.net"
+    assert verp_decode(detail) == "bob@example.net"
+    # The same for every copy (a late bounce of any post is bob's), another for carol.
+    assert signed_verp("Discuss", "EXAMPLE.org", "Bob@Example.NET", SIGNER) == BOB_SIGNED
+    assert signed_verp("discuss", "example.org", "carol@example.net", SIGNER) != \
+        BOB_SIGNED.replace("bob", "carol")
+
+
+@given(list_names, domains, local_parts, domains)
+@settings(max_examples=300)
+@example("discuss", "example.org", "a+b=c", "example.net")
+def test_verp_signed_round_trips_or_falls_back_within_64_octets(
+        list_name: str, list_domain: str, local: str, domain: str) -> None:
+    member = addresses.normalise(f"{local}@{domain}")
+    signed = signed_verp(list_name, list_domain, member, SIGNER)
+    assert addresses.normalise(signed) == signed
+    signed_local, _, signed_domain = signed.rpartition("@")
+    assert len(signed_local) <= MAX_LOCAL_PART and signed_domain == list_domain.lower()
+    long_local = f"{verp_encode(list_name, list_domain, member).rpartition('@')[0]}+" \
+                 f"{'x' * VERP_TAG_LENGTH}"
+    if len(long_local) > MAX_LOCAL_PART:
+        assert signed == f"{list_name}-bounces@{signed_domain}"
+        return
+    detail = detail_of(signed, list_name)
+    assert verified(detail, list_address=f"{list_name}@{signed_domain}") == member
+    # The tag binds the list too: the same member's tag means nothing on another list.
+    assert verified(detail, list_address=f"other-{list_name}@{signed_domain}") is None
+
+
+def flip(tag: str) -> str:
+    return ("b" if tag[0] == "a" else "a") + tag[1:]
+
+
+BOB_DETAIL = detail_of(BOB_SIGNED, "discuss")
+BOB_TAG = BOB_DETAIL.rpartition("+")[2]
+CAROL_TAG = detail_of(signed_verp("discuss", "example.org", "carol@example.net", SIGNER),
+                      "discuss").rpartition("+")[2]
+OTHER_KEY_TAG = detail_of(signed_verp("discuss", "example.org", "bob@example.net", OTHER_KEY),
+                          "discuss").rpartition("+")[2]
+
+
+@pytest.mark.parametrize("detail", [
+    "bob=example.net",  # the guessable, untagged form
+    f"bob=example.net+{flip(BOB_TAG)}",  # one character changed
+    f"bob=example.net+{BOB_TAG[:-1]}",  # cut short
+    f"bob=example.net+{BOB_TAG}a",  # made longer
+    f"bob=example.net+{CAROL_TAG}",  # another member's tag
+    f"bob=example.net+{OTHER_KEY_TAG}",  # another installation's key
+    "bob=example.net+",
+    f"bob=example.net+{'a' * VERP_TAG_LENGTH}",
+    f"carol=example.net+{BOB_TAG}",  # bob's tag on carol's address
+    f"bob=example.net+{BOB_TAG}+{BOB_TAG}",
+    f"bob=example.net+{BOB_TAG[:-1]}\u00e9",  # not even ASCII
+    f"bob=example.net+{BOB_TAG[:-1]}\u017f",  # a long s, which folds to "s" in Unicode
+    f"{BOB_TAG}",
+])
+def test_verp_untagged_or_tampered_tag_is_not_verified(detail: str) -> None:
+    assert verified(detail) is None
+
+
+def test_verp_tag_survives_an_mta_that_changes_case() -> None:
+    assert verified(BOB_DETAIL.upper()) == "bob@example.net"
+
+
+@pytest.mark.parametrize(("list_name", "member", "fits"), [
+    # "discuss-bounces+" (16) + local=domain + "+" and a 12-character tag (13) <= 64
+    ("discuss", "a" * 23 + "@example.net", True),  # exactly 64 octets
+    ("discuss", "a" * 24 + "@example.net", False),  # 65
+    ("a-rather-long-list-name-for-announcements", "bob@example.net", False),
+])
+def test_verp_signed_local_part_too_long_falls_back_to_the_plain_address(
+        list_name: str, member: str, fits: bool) -> None:
+    signed = signed_verp(list_name, "example.org", member, SIGNER)
+    if fits:
+        assert len(signed.rpartition("@")[0]) == MAX_LOCAL_PART
+        assert verified(detail_of(signed, list_name), list_address=f"{list_name}@example.org") \
+            == member
+    else:
+        # What comes back to it counts against nobody (tests/test_bounces.py).
+        assert signed == f"{list_name}-bounces@example.org"
+
+
+@pytest.mark.parametrize(("detail", "parsed"), [
+    ("bob=example.net", Verp("bob@example.net", None)),
+    ("Bob=Example.net+ABC", Verp("bob@example.net", "ABC")),
+    ("a+b=c=example.net+tag", Verp("a+b=c@example.net", "tag")),
+    ("a+b=c=example.net", Verp("a+b=c@example.net", None)),
+    ("bob=example.net+", Verp("bob@example.net", "")),
+    ("bob=+tag", None),
+    ("bob+tag", None),
+])
+def test_verp_parse_separates_member_and_tag(detail: str, parsed: Verp | None) -> None:
+    assert verp_parse(detail) == parsed

@@ -13,7 +13,10 @@ import sqlalchemy as sa
 
 from gateway import lists
 from gateway.clock import SystemClock
+from gateway.config import load
+from gateway.dsn import signed_verp
 from gateway.schema import Mode, journal, work
+from gateway.signing import LinkSigner
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS
 from tests.support import Sink, gateway, post, wait_until
@@ -36,9 +39,14 @@ def test_gateway_member_post_reaches_every_regular_member_decorated(
         copies = sink.wait_for(len(MEMBERS))
     assert sorted(r for r, _d in copies) == sorted(MEMBERS)
     received = sink.handler.messages
-    # Each member's copy has its own return path, naming them (VERP).
+    # Each member's copy has its own return path, naming them (VERP) with a tag that
+    # only the gateway's key makes.
+    key = LinkSigner.from_file(load(config_path).web.secret_file)
     assert sorted(m.mail_from for m in received) == sorted(
-        f"discuss-bounces+{a.replace('@', '=')}@example.org" for a in MEMBERS)
+        signed_verp("discuss", "example.org", a, key) for a in MEMBERS)
+    assert all(re.fullmatch(rf"discuss-bounces\+{re.escape(a.replace('@', '='))}"
+                            r"\+[a-z2-7]{12}@example\.org", m.mail_from)
+               for a in MEMBERS for m in received if a in m.rcpt_tos)
     msg = parse(copies[0][1])
     assert msg["List-Id"] == '"Discuss" <discuss.example.org>'
     assert msg["List-Post"] == "<mailto:discuss@example.org>"

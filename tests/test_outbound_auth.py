@@ -66,7 +66,9 @@ def test_outbound_personal_copies_carry_verp_return_paths(
     with gateway(config, resolver=Resolver(records=records)) as gw:
         gw.send(MEMBERS[1], LIST, post(MEMBERS[1], LIST, "VERP"))
         sink.wait_for(len(MEMBERS))
-    senders = sorted(m.mail_from for m in sink.handler.messages)
+    # The member's address, then a tag that only the gateway's key makes.
+    senders = sorted(re.sub(r"\+[a-z2-7]{12}@", "@", m.mail_from)
+                     for m in sink.handler.messages)
     assert senders == sorted(f"discuss-bounces+{a.replace('@', '=')}@example.org"
                              for a in MEMBERS)
 

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from gateway import addresses
+from gateway.dsn import signed_verp, verp_verified
 from gateway.errors import AddressError
 from gateway.message import split
 from gateway.routing import (
@@ -20,6 +21,7 @@ from gateway.routing import (
     Stage,
     list_name_is_free,
 )
+from gateway.signing import LinkSigner
 
 LISTS = {
     (ref.name, ref.domain): ref for ref in (
@@ -62,6 +64,11 @@ def router() -> Router:
     ("discuss-bounces+bob=example.net@example.org", Role.BOUNCES, "discuss@example.org",
      "bob=example.net"),
     ("discuss-bounces+x-request@example.org", Role.BOUNCES, "discuss@example.org", "x-request"),
+    # The signed VERP form: the member's address, then its tag (gateway.dsn.signed_verp).
+    ("discuss-bounces+bob=example.net+k7abq2xyzmn4@example.org", Role.BOUNCES,
+     "discuss@example.org", "bob=example.net+k7abq2xyzmn4"),
+    ("discuss-bounces+a+b=example.net+K7ABQ2XYZMN4@example.org", Role.BOUNCES,
+     "discuss@example.org", "a+b=example.net+K7ABQ2XYZMN4"),
     # A VERP-encoded member address may itself be another list's bounce address.
     ("discuss-bounces+python-dev-bounces+x=example.net@example.org", Role.BOUNCES,
      "discuss@example.org", "python-dev-bounces+x=example.net"),
@@ -103,6 +110,23 @@ def test_routing_hits(address: str, role: Role, list_address: str, detail: str |
     assert found.detail == detail
     assert found.address == address
     assert role.value in found.reason and list_address in found.reason
+
+
+@pytest.mark.parametrize("member", [
+    "bob@example.net", "x-bounces+y=z@mail.example.net", "a+b@example.net",
+])
+def test_routing_signed_verp_reaches_its_list_with_a_detail_that_verifies(member: str) -> None:
+    signer = LinkSigner(b"the installation's key, 32 bytes")
+    for list_address in ("discuss@example.org", "python-dev@example.org"):
+        name, domain = list_address.split("@")
+        found = router().resolve(signed_verp(name, domain, member, signer))
+        assert isinstance(found, Hit), found
+        assert found.route.role is Role.BOUNCES
+        assert found.mailing_list.address == list_address and found.detail is not None
+        assert verp_verified(found.detail, list_address=list_address, signer=signer) == member
+        # A tag is good for one list only.
+        other = "python@example.org" if name == "discuss" else "discuss@example.org"
+        assert verp_verified(found.detail, list_address=other, signer=signer) is None
 
 
 @pytest.mark.parametrize("address, role", [
