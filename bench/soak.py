@@ -758,7 +758,13 @@ def run(args: argparse.Namespace, rng: random.Random, setup: Setup, gw: GatewayP
     print(f"  drained {drain:.1f}s after the last post was accepted "
           f"(load took {load_done - start:.1f}s); daemon exit status on SIGTERM: {status}")
     leak = ""
-    for i, run_samples in enumerate(runs):
+    if args.kills and runs:
+        peaks = [(max(s.rss_kib for s in r), max(s.fds for s in r)) for r in runs]
+        print(f"  daemon runs: {len(runs)}; peak RSS per run {min(p[0] for p in peaks) / 1024:.1f}"
+              f"-{max(p[0] for p in peaks) / 1024:.1f} MiB, peak fds per run "
+              f"{min(p[1] for p in peaks)}-{max(p[1] for p in peaks)}; the last run ended at "
+              f"{runs[-1][-1].rss_kib / 1024:.1f} MiB, {runs[-1][-1].fds} fds")
+    for i, run_samples in enumerate(runs if not args.kills else []):
         first, warmed, last, peak_rss, peak_fds = flatness(run_samples, warm_at or load_done)
         span = last.at - first.at
         print(f"  daemon run {i + 1} ({span:.0f}s, {len(run_samples)} samples): RSS "

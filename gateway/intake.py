@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,6 +31,33 @@ from gateway.schema import State, messages, work
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
+
+# Per-session command budgets. A client past one gets aiosmtpd's "421 4.7.0 <CMD> sent
+# too many times" and is disconnected, so nobody keeps a connection forever with NOOPs
+# (each valid command restarts the timeout) or harvests addresses with endless RCPTs.
+# 1000 transactions per connection is Exim's smtp_accept_max_per_connection.
+MAX_TRANSACTIONS = 1000
+MAX_OTHER_COMMANDS = 100  # EHLO, NOOP, VRFY, HELP, ... per session
+# Errors (4xx/5xx replies) a client may make before it is disconnected; a delivered
+# message starts the count again (Postfix's smtpd_hard_error_limit).
+MAX_ERRORS = 20
+# The largest header section taken (no real message comes near: the largest in the
+# shared corpus, a parser torture test, has 210 KB). Past it: 552, nothing stored.
+MAX_HEADER_SIZE = 256 * 1024
+
+# Replies of the limits above (the rest are in gateway.replies).
+BAD_SENDER = ("553 5.1.7 <{address}>: the sender must be a whole address (local@domain), "
+              "or <> for a bounce")
+HEADER_TOO_BIG = "552 5.3.4 Message header too big: this gateway takes at most {limit} bytes"
+TOO_MANY_ERRORS = "421 4.7.0 Too many errors in this session; closing the connection"
+TIMED_OUT = "421 4.4.2 Timeout exceeded; closing the connection"
+CLOSING = "421 4.3.2 Connection closing; the message was not stored"
+
+
+def command_budgets(max_recipients: int) -> dict[str, int]:
+    """aiosmtpd's ``command_call_limit``: how often each command may come in one session."""
+    return {"MAIL": MAX_TRANSACTIONS, "RSET": MAX_TRANSACTIONS, "DATA": MAX_TRANSACTIONS,
+            "RCPT": MAX_TRANSACTIONS * max_recipients, "*": MAX_OTHER_COMMANDS}
 
 
 @dataclass(frozen=True)
@@ -116,8 +144,8 @@ class IntakeWriter:
                 ids.append(qid)
         for a, qid in zip(arrivals, ids, strict=False):
             log.info("accepted queue_id=%s from=<%s> to=%s size=%d message_id=%s peer=%s",
-                     qid, a.mail_from, ",".join(hit.address for hit in a.hits), len(a.raw),
-                     a.message_id or "-", a.peer)
+                     qid, printable(a.mail_from), ",".join(hit.address for hit in a.hits),
+                     len(a.raw), printable(a.message_id or "-"), a.peer)
         return ids
 
 
@@ -131,6 +159,23 @@ class IntakeHandler:
         self.clock = clock
         self.config = config
         self._hits: weakref.WeakKeyDictionary[Envelope, list[Hit]] = weakref.WeakKeyDictionary()
+        # aiosmtpd logs some of a client's text with %s (an unrecognised command, an
+        # address): escape it there too.
+        aiosmtpd_log = logging.getLogger("mail.log")
+        if not any(isinstance(f, PrintableArgs) for f in aiosmtpd_log.filters):
+            aiosmtpd_log.addFilter(PrintableArgs())
+
+    async def handle_MAIL(self, server: SMTP, session: Session, envelope: Envelope,
+                          address: str, mail_options: list[str]) -> str:
+        # aiosmtpd takes "MAIL FROM:<bob>": a return path a smarthost would complete with
+        # its own domain, sending our notices to a stranger there.
+        if address != "<>":
+            local, at, domain = address.rpartition("@")
+            if not (at and local and domain):
+                return BAD_SENDER.format(address=printable(address))
+        envelope.mail_from = address
+        envelope.mail_options.extend(mail_options)
+        return replies.OK_SENDER
 
     async def handle_RCPT(self, server: SMTP, session: Session, envelope: Envelope,
                           address: str, rcpt_options: list[str]) -> str:
@@ -139,9 +184,9 @@ class IntakeHandler:
             return replies.TOO_MANY_RECIPIENTS
         found = self.router.resolve(address)
         if not isinstance(found, Hit):
-            log.info("refused rcpt=<%s> from=<%s> peer=%s: %s", address, envelope.mail_from,
-                     _peer(session), found.reason)
-            return replies.UNKNOWN_ADDRESS.format(address=address)
+            log.info("refused rcpt=<%s> from=<%s> peer=%s: %s", printable(address),
+                     printable(envelope.mail_from or ""), _peer(session), printable(found.reason))
+            return replies.UNKNOWN_ADDRESS.format(address=printable(address))
         if all(hit.address.lower() != address.lower() for hit in hits):
             hits.append(found)
         envelope.rcpt_tos.append(address)
@@ -152,18 +197,28 @@ class IntakeHandler:
         hits = tuple(self._hits.get(envelope, ()))
         lmtp = isinstance(server, LMTP)
         raw = envelope.original_content or b""
+        if server.transport is None or server.transport.is_closing():
+            # The session was ended (timeout, too many errors) while commands it had
+            # pipelined were still being read: store nothing the client was not told of.
+            return CLOSING
         if not raw.strip():
             return _per_recipient(replies.EMPTY_MESSAGE, envelope, lmtp)
+        parts = split(raw)
+        if len(raw) - len(parts.body) > MAX_HEADER_SIZE:
+            log.info("refused a message from=<%s> peer=%s: header of %d bytes",
+                     printable(envelope.mail_from or ""), _peer(session),
+                     len(raw) - len(parts.body))
+            return _per_recipient(HEADER_TOO_BIG.format(limit=MAX_HEADER_SIZE), envelope, lmtp)
         arrival = Arrival(
             raw=raw, mail_from=_return_path(envelope.mail_from), hits=hits, peer=_peer(session),
             helo=session.host_name or "", protocol="lmtp" if lmtp else "smtp",
-            received_at=self.clock.now(), message_id=split(raw).get(h.MESSAGE_ID),
+            received_at=self.clock.now(), message_id=parts.get(h.MESSAGE_ID),
         )
         try:
             qid = await self.writer.submit(arrival)
         except StoreError as exc:
-            log.error("store failure, answering 451: from=<%s> to=%s: %s", arrival.mail_from,
-                      ",".join(envelope.rcpt_tos), exc)
+            log.error("store failure, answering 451: from=<%s> to=%s: %s",
+                      printable(arrival.mail_from), printable(",".join(envelope.rcpt_tos)), exc)
             return _per_recipient(replies.STORE_FAILED, envelope, lmtp)
         except Exception:  # the reply to the client is a process boundary
             log.exception("storing a message failed, answering 451")
@@ -177,6 +232,24 @@ def _return_path(mail_from: str | None) -> str:
     if value.startswith("<") and value.endswith(">"):
         value = value[1:-1]
     return value
+
+
+def printable(text: str) -> str:
+    """``text`` with control characters and other non-printing ones escaped, for replies
+    and logs: what a client sends never reaches a terminal or a log line raw."""
+    return _UNPRINTABLE.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
+_UNPRINTABLE = re.compile(r"[^\x20-\x7e]")
+
+
+class PrintableArgs(logging.Filter):
+    """Escapes the text arguments of a log record with :func:`printable`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple):
+            record.args = tuple(printable(a) if isinstance(a, str) else a for a in record.args)
+        return True
 
 
 def _per_recipient(reply: str, envelope: Envelope, lmtp: bool) -> str:
@@ -217,11 +290,12 @@ class ConnectionLimiter:
 
 class _Limits:
     """What the SMTP and LMTP protocol classes add to aiosmtpd's: enhanced status
-    codes on its own replies, a longer line limit, and connection caps."""
+    codes on its own replies, a longer line limit, connection caps, an error limit."""
 
     limiter: ConnectionLimiter
     line_limit: int
     _client_ip: str | None = None
+    _errors: int = 0
 
     def _rewrite(self, status: Any) -> Any:
         if isinstance(status, str) and status in replies.REWRITES:
@@ -230,16 +304,45 @@ class _Limits:
         return status
 
 
+# Replies that are not the client's fault, or that close the session anyway: a
+# recipient past the limit (RFC 5321 says send it again later), our store failing.
+_NOT_ERRORS = (replies.TOO_MANY_RECIPIENTS[:9], replies.STORE_FAILED[:9], "421")
+
+
 class IntakeSMTP(_Limits, SMTP):
     def __init__(self, handler: IntakeHandler, *, limiter: ConnectionLimiter, line_limit: int,
                  **kwargs: Any) -> None:
         self.limiter = limiter
         self.line_limit = line_limit
         self.line_length_limit = line_limit  # read by SMTP.__init__ for its stream limit
+        kwargs.setdefault("command_call_limit", command_budgets(handler.config.max_recipients))
         super().__init__(handler, **kwargs)
 
     async def push(self, status: Any) -> None:
-        await super().push(self._rewrite(status))
+        if self.transport is None or self.transport.is_closing():
+            return  # said goodbye already: nothing pipelined after that is answered
+        text = status.decode("ascii", "replace") if isinstance(status, bytes) else str(status)
+        # Replies may quote what the client sent (a command, an address): never raw.
+        text = "\r\n".join(printable(line) for line in self._rewrite(text).split("\r\n"))
+        await super().push(text)
+        if text.startswith(replies.OK):
+            self._errors = 0  # a message was taken: this is a working client
+        elif text[:1] in ("4", "5") and not text.startswith(_NOT_ERRORS):
+            self._errors += 1
+            if self._errors >= MAX_ERRORS and self.transport is not None \
+                    and not self.transport.is_closing():
+                log.warning("closing the session of %s after %d errors", self._client_ip,
+                            self._errors)
+                await super().push(TOO_MANY_ERRORS)
+                self.transport.close()
+
+    def _timeout_cb(self) -> None:
+        # aiosmtpd closes a timed-out session without a word; say why first.
+        if self.transport is not None and not self.transport.is_closing():
+            log.info("closing the session of %s: timeout", self._client_ip)
+            assert isinstance(self.transport, asyncio.WriteTransport)
+            self.transport.write(TIMED_OUT.encode("ascii") + b"\r\n")
+        super()._timeout_cb()  # type: ignore[no-untyped-call]
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         if self._client_ip is None and self.transport is None:
