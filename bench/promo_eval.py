@@ -9,7 +9,8 @@ no number here was tuned on the mail it measures. Prints, pooled over the folds:
 
 - precision (held mail that is promotional), recall (promotional mail held) and
   false-hold rate (ham held / all ham), with the spread over folds, for the signals
-  alone, the word model alone and both combined;
+  alone, the word model alone and both combined; and the combined figures apart for
+  mail whose words the word model knows and mail whose words it does not;
 - how often each signal fires on ham and on promotional mail, and its weight in the
   shipped model;
 - messages scored per second by ``promo.score`` on raw bytes with the shipped model.
@@ -68,8 +69,12 @@ class Tally:
 def cross_validate(examples: Sequence[train.Example], out: Callable[[str], None],
                    errors: list[tuple[train.Example, promo.PromoScore]] | None = None, *,
                    min_evidence: float = train.MIN_EVIDENCE,
-                   ) -> dict[str, tuple[Tally, list[Tally], list[float]]]:
-    results: dict[str, tuple[Tally, list[Tally], list[float]]] = {
+                   familiar_min_evidence: float = train.FAMILIAR_MIN_EVIDENCE,
+                   by_words: dict[bool, Tally] | None = None,
+                   ) -> dict[str, tuple[Tally, list[Tally], list[tuple[float, float]]]]:
+    """Pooled and per-fold tallies and each fold's (threshold, floor), per variant;
+    ``by_words`` gets the combined tallies apart by ``Verdict.familiar``."""
+    results: dict[str, tuple[Tally, list[Tally], list[tuple[float, float]]]] = {
         name: (Tally(), [], []) for name, _m, _s in VARIANTS}
     outer = train.folds(examples)
     for k, test in enumerate(outer):
@@ -79,18 +84,24 @@ def cross_validate(examples: Sequence[train.Example], out: Callable[[str], None]
         for name, use_model, use_signals in VARIANTS:
             model = train.fit(examples, training, use_model=use_model,
                               use_signals=use_signals, verdicts=verdicts,
-                              min_evidence=min_evidence)
+                              min_evidence=min_evidence,
+                              familiar_min_evidence=familiar_min_evidence)
             pooled, per_fold, thresholds = results[name]
             fold = Tally()
             for i in test:
                 s = promo.score_features(examples[i].features, model)
                 pooled.add(examples[i].promotional, s.promotional)
                 fold.add(examples[i].promotional, s.promotional)
-                if (errors is not None and name == "combined"
-                        and s.promotional != examples[i].promotional):
+                if name != "combined":
+                    continue
+                if by_words is not None:
+                    familiar = model.judge(examples[i].features.tokens).familiar
+                    by_words.setdefault(familiar, Tally()).add(examples[i].promotional,
+                                                               s.promotional)
+                if errors is not None and s.promotional != examples[i].promotional:
                     errors.append((examples[i], s))
             per_fold.append(fold)
-            thresholds.append(model.threshold)
+            thresholds.append((model.threshold, model.floor))
         out(f"  fold {k + 1}: {len(test)} messages held out "
             f"({sum(examples[i].promotional for i in test)} promotional)")
     return results
@@ -116,9 +127,14 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
     parser.add_argument("--errors", action="store_true",
                         help="list the ham held and the promotional mail missed (combined)")
     parser.add_argument("--min-evidence", type=float, default=train.MIN_EVIDENCE,
-                        help="log-odds of signals an undecided message needs to be held "
-                             f"(default {train.MIN_EVIDENCE}; 0: the threshold is the "
-                             "false-hold target's alone)")
+                        help="log-odds beyond the prior a message needs to be held when the "
+                             "word model cannot judge its words (default "
+                             f"{train.MIN_EVIDENCE}: more than one signal)")
+    parser.add_argument("--familiar-min-evidence", type=float,
+                        default=train.FAMILIAR_MIN_EVIDENCE,
+                        help="log-odds beyond the prior a message needs to be held when the "
+                             "word model knows its words (default "
+                             f"{train.FAMILIAR_MIN_EVIDENCE})")
     args = parser.parse_args(argv)
     if not (args.corpus / "ham").is_dir() or not (args.corpus / "promo").is_dir():
         parser.error(f"{args.corpus} has no ham/ and promo/ folders")
@@ -127,25 +143,35 @@ def main(argv: list[str] | None = None, out: Callable[[str], None] = print) -> i
     out(f"corpus: {n_promo} promotional, {len(examples) - n_promo} ham; "
         f"{train.FOLDS}-fold cross-validation grouped by subject, "
         f"threshold picked in each fold for <= {train.TARGET_FALSE_HOLD:.1%} false holds "
-        f"on its training folds, and no lower than an undecided message with "
-        f"{args.min_evidence} of signals")
+        f"on its training folds, and no lower than {args.familiar_min_evidence} of evidence "
+        f"beyond the prior where the model knows the words, {args.min_evidence} where not")
     errors: list[tuple[train.Example, promo.PromoScore]] = []
-    results = cross_validate(examples, out, errors, min_evidence=args.min_evidence)
+    by_words: dict[bool, Tally] = {}
+    results = cross_validate(examples, out, errors, min_evidence=args.min_evidence,
+                             familiar_min_evidence=args.familiar_min_evidence,
+                             by_words=by_words)
     out("")
     out(f"{'':14s} {'precision':>9s} {'recall':>7s} {'false-hold':>10s} "
-        f"{'false-hold per fold':>19s} {'recall per fold':>15s} {'threshold':>9s}")
+        f"{'false-hold per fold':>19s} {'recall per fold':>15s} {'threshold':>9s} "
+        f"{'floor':>6s}")
     for name, (pooled, per_fold, thresholds) in results.items():
         out(f"{name:14s} {pooled.precision:9.1%} {pooled.recall:7.1%} "
             f"{pooled.false_hold:10.2%} {_spread([f.false_hold for f in per_fold]):>19s} "
             f"{_spread([f.recall for f in per_fold]):>15s} "
-            f"{sum(thresholds) / len(thresholds):9.3f}")
+            f"{sum(t for t, _f in thresholds) / len(thresholds):9.3f} "
+            f"{sum(f for _t, f in thresholds) / len(thresholds):6.3f}")
     out(f"  ({results['combined'][0].held_ham} ham held, "
         f"{results['combined'][0].promo - results['combined'][0].held_promo} "
         f"promotional missed, combined)")
+    for familiar, tally in sorted(by_words.items(), reverse=True):
+        words = "knows the words" if familiar else "does not know the words"
+        out(f"  combined, where the model {words}: {tally.held_promo} of {tally.promo} "
+            f"promotional held ({tally.recall:.1%}), {tally.held_ham} of {tally.ham} ham")
     if args.errors:
         for ex, s in sorted(errors, key=lambda e: (e[0].promotional, e[0].name)):
             what = "missed" if ex.promotional else "held  "
-            out(f"  {what} {ex.name} p={s.probability:.3f} model={s.model_probability:.3f} "
+            out(f"  {what} {ex.name} p={s.probability:.3f} threshold={s.threshold:.3f} "
+                f"model={s.model_probability:.3f} "
                 f"{', '.join(f'{sig.name}{sig.weight:+.1f}' for sig in s.signals)}")
 
     shipped = promo.load_model()

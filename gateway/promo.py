@@ -15,12 +15,16 @@ A message is scored in log-odds from three parts::
   headers, a shouting subject, opt-out footers, ...), and two that speak for discussion
   (it replies to a thread, it quotes an earlier post).
 
-The weights and the default threshold travel with the model (bench/promo_train.py picks
-them by cross-validation). ``score()`` returns the probability and the signals that
-fired, each with its contribution, so the hold notice can say why. The post is judged as
-its author wrote it: footers other list servers appended are left out. Nothing here
-raises on malformed mail: parsing is compat32, bounded, and every decoding step is
-guarded. The only I/O is ``load_model()``.
+The weights and the decision thresholds travel with the model (bench/promo_train.py picks
+them by cross-validation): one for mail the word model can judge (it knows FULL_COVERAGE
+of the words, and MIN_KNOWN_WORDS of them), and a floor for mail it cannot (another
+language, another trade, a one-line post), which is held only on more than MIN_EVIDENCE
+beyond the prior: never on one signal alone.
+``score()`` returns the probability and the signals that fired, each with its
+contribution, so the hold notice can say why. The post is judged as its author wrote it:
+footers other list servers appended are left out. Nothing here raises on malformed mail:
+parsing is compat32, bounded, and every decoding step is guarded. The only I/O is
+``load_model()``.
 """
 
 from __future__ import annotations
@@ -70,6 +74,14 @@ _MODEL_CLIP = 0.001
 # The model has its full say once it knows this share of a message's words (list
 # discussion in the training corpus: at least 46%, nearly always above 60%).
 FULL_COVERAGE = 0.5
+# Nor can it judge a message from a handful of words, however many of them it knows ("hi"
+# or "I am away" may be all words it saw in spam): it takes this many known words.
+MIN_KNOWN_WORDS = 20
+# Mail the word model cannot judge is held only on more than this much evidence beyond
+# the prior, in log-odds: more than any one signal may add (bench/promo_train.py caps each
+# at it), so it takes two pieces of evidence. The corpus cannot show how unfamiliar mail
+# fares; this floor, not fitted, is what protects it.
+MIN_EVIDENCE = 2.5
 
 # Errors the stdlib may raise while reading malformed MIME (header parameters, charsets,
 # transfer encodings, broken nesting). Scoring swallows exactly these.
@@ -89,7 +101,8 @@ class PromoScore:
     probability: float             # 0..1, signals and model combined
     signals: tuple[Signal, ...]    # the signals that fired, most promotional first
     model_probability: float       # the learned model's part alone
-    threshold: float = 0.5         # the decision threshold this score was judged by
+    threshold: float = 0.5         # the decision threshold this score was judged by (the
+                                   # model's floor if it could not judge the words)
     model_clues: tuple[str, ...] = ()  # words that most made the model lean promotional
 
     @property
@@ -1205,17 +1218,21 @@ class Model:
 
     ``learn()`` adds one moderator decision; ``merged()`` adds a list's own counts to the
     shipped base. The model also carries the weights that combine it with the signals and
-    the default decision threshold, both chosen by cross-validation when it was trained.
+    the decision thresholds, chosen by cross-validation when it was trained: ``threshold``
+    for mail whose words it knows, and ``floor`` (never lower) for mail whose words it does
+    not; by default the floor is MIN_EVIDENCE beyond the prior.
     """
 
     def __init__(self, *, promotional: int = 0, ham: int = 0,
                  counts: dict[str, tuple[int, int]] | None = None,
-                 weights: Weights | None = None, threshold: float = DEFAULT_THRESHOLD) -> None:
+                 weights: Weights | None = None, threshold: float = DEFAULT_THRESHOLD,
+                 floor: float | None = None) -> None:
         self.promotional = promotional
         self.ham = ham
         self._counts: dict[str, list[int]] = {t: [p, q] for t, (p, q) in (counts or {}).items()}
         self.weights = weights or Weights.prior()
         self.threshold = threshold
+        self.floor = max(threshold, evidence_floor(self.weights.bias) if floor is None else floor)
         # The words strong enough to be clues, worked out on first use (see _clue_table).
         self._table: dict[str, _Clue | tuple[()]] = {}
         self._table_for: tuple[int, int] | None = None
@@ -1283,6 +1300,10 @@ class Model:
         """How promotional the words are, 0..1 (0.5: the model cannot tell)."""
         return _combine_clues(self._clues(set(tokens))[0])
 
+    def threshold_for(self, verdict: Verdict) -> float:
+        """The decision threshold for a message the model gave ``verdict``."""
+        return self.threshold if verdict.familiar else self.floor
+
     def judge(self, tokens: Iterable[str], n: int = 5) -> Verdict:
         """The probability, how much of the message the model knows, and its clues."""
         words = set(tokens)
@@ -1290,35 +1311,37 @@ class Model:
         prob = _combine_clues(clues)
         coverage = known / len(words) if words else 0.0
         strong = sorted((-c[2], c[1]) for c in clues if c[2] > 0.5)
-        return Verdict(prob, coverage, tuple(t for _f, t in strong[:n]))
+        return Verdict(prob, coverage, tuple(t for _f, t in strong[:n]), known)
 
     def merged(self, other: Model) -> Model:
-        """This model's counts plus ``other``'s, with this model's weights and threshold."""
+        """This model's counts plus ``other``'s, with this model's weights and thresholds."""
         counts = {t: (c[0], c[1]) for t, c in self._counts.items()}
         for token, (p, q) in other._counts.items():
             a, b = counts.get(token, (0, 0))
             counts[token] = (a + p, b + q)
         return Model(promotional=self.promotional + other.promotional,
                      ham=self.ham + other.ham, counts=counts,
-                     weights=self.weights, threshold=self.threshold)
+                     weights=self.weights, threshold=self.threshold, floor=self.floor)
 
     def pruned(self, min_messages: int) -> Model:
         """Without the words seen in fewer than ``min_messages`` messages (to ship small)."""
         counts = {t: (c[0], c[1]) for t, c in self._counts.items()
                   if c[0] + c[1] >= min_messages}
         return Model(promotional=self.promotional, ham=self.ham, counts=counts,
-                     weights=self.weights, threshold=self.threshold)
+                     weights=self.weights, threshold=self.threshold, floor=self.floor)
 
-    def with_weights(self, weights: Weights, threshold: float) -> Model:
+    def with_weights(self, weights: Weights, threshold: float,
+                     floor: float | None = None) -> Model:
         counts = {t: (c[0], c[1]) for t, c in self._counts.items()}
         return Model(promotional=self.promotional, ham=self.ham, counts=counts,
-                     weights=weights, threshold=threshold)
+                     weights=weights, threshold=threshold, floor=floor)
 
     def to_json(self) -> str:
         doc = {
             "format": MODEL_FORMAT,
             "version": MODEL_VERSION,
             "threshold": self.threshold,
+            "floor": self.floor,
             "weights": {"bias": self.weights.bias, "model": self.weights.model,
                         "signals": dict(self.weights.signals)},
             "messages": {"promotional": self.promotional, "ham": self.ham},
@@ -1345,14 +1368,17 @@ class Model:
             messages = doc["messages"]
             promotional, ham = int(messages["promotional"]), int(messages["ham"])
             threshold = float(doc["threshold"])
+            # Absent from models written before there were two: MIN_EVIDENCE beyond the prior.
+            floor = None if doc.get("floor") is None else float(doc["floor"])
         except ConfigError:
             raise
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise ConfigError(f"invalid promotional model: {exc}") from exc
-        if not 0.0 < threshold < 1.0 or promotional < 0 or ham < 0:
-            raise ConfigError("invalid promotional model: threshold or message counts")
+        if not 0.0 < threshold < 1.0 or promotional < 0 or ham < 0 \
+                or (floor is not None and not 0.0 < floor < 1.0):
+            raise ConfigError("invalid promotional model: threshold, floor or message counts")
         return cls(promotional=promotional, ham=ham, counts=counts, weights=weights,
-                   threshold=threshold)
+                   threshold=threshold, floor=floor)
 
 
 @dataclass(frozen=True)
@@ -1362,6 +1388,7 @@ class Verdict:
     probability: float        # 0..1 (0.5: cannot tell)
     coverage: float           # the share of the message's words the model has seen
     clues: tuple[str, ...]    # the words that most made it lean promotional
+    known: int = 0            # how many of the words the model has seen
 
     @property
     def evidence(self) -> float:
@@ -1370,6 +1397,18 @@ class Verdict:
         are weak evidence however one-sided their counts (a post in a language the base
         model saw only in spam must not be held for its "und" and "das")."""
         return logit(self.probability) * min(1.0, self.coverage / FULL_COVERAGE)
+
+    @property
+    def familiar(self) -> bool:
+        """Whether the model knows enough of the words to judge them: FULL_COVERAGE of
+        them (its full say), and no fewer than MIN_KNOWN_WORDS."""
+        return self.coverage >= FULL_COVERAGE and self.known >= MIN_KNOWN_WORDS
+
+
+def evidence_floor(bias: float, min_evidence: float = MIN_EVIDENCE) -> float:
+    """The lowest threshold at which a message is held only on more than ``min_evidence``
+    log-odds beyond the prior ``bias``."""
+    return round(min(sigmoid(bias + min_evidence) + 1e-4, 0.9999), 4)
 
 
 # A clue: (sort key, word, probability, log(probability), log(1 - probability)). Sorting
@@ -1443,8 +1482,8 @@ def features(raw: bytes) -> Features:
 def score(raw: bytes, model: Model, *, threshold_hint: float | None = None) -> PromoScore:
     """How likely ``raw`` is promotional, and why.
 
-    ``threshold_hint`` replaces the model's default decision threshold (a list's policy
-    may be stricter or more lenient); it only sets ``PromoScore.threshold``.
+    ``threshold_hint`` replaces the model's decision thresholds (a list's policy may be
+    stricter or more lenient); it only sets ``PromoScore.threshold``.
     """
     return score_features(features(raw), model, threshold_hint=threshold_hint)
 
@@ -1455,7 +1494,7 @@ def score_features(feats: Features, model: Model, *,
     fired = _weigh(feats.hits, model.weights)
     z = model.weights.bias + model.weights.model * verdict.evidence
     z += sum(s.weight for s in fired)
-    threshold = model.threshold if threshold_hint is None else threshold_hint
+    threshold = model.threshold_for(verdict) if threshold_hint is None else threshold_hint
     return PromoScore(probability=sigmoid(z), signals=fired,
                       model_probability=verdict.probability, threshold=threshold,
                       model_clues=verdict.clues)

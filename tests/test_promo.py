@@ -137,6 +137,37 @@ def test_score_unfamiliar_language_is_judged_by_its_signals(shipped: promo.Model
     result = promo.score(raw, shipped)
     assert names(result.signals) == {"price"}
     assert not result.promotional, result
+    assert not verdict.familiar and result.threshold == shipped.floor > shipped.threshold
+
+
+@pytest.mark.parametrize(("body", "subject"), [("hi\n", "Hello"),
+                                               ("I am away.\n", "Out of office")])
+def test_score_a_few_known_words_are_judged_at_the_floor(
+        shipped: promo.Model, body: str, subject: str) -> None:
+    # The model knows these words, and saw them in spam more than in discussion: too few
+    # to judge a post by, so the post is judged as one in an unfamiliar language.
+    verdict = shipped.judge(promo.tokens(mail(body, subject=subject)))
+    assert verdict.coverage >= promo.FULL_COVERAGE and verdict.probability > 0.5
+    assert 0 < verdict.known < promo.MIN_KNOWN_WORDS and not verdict.familiar
+    result = promo.score(mail(body, subject=subject), shipped)
+    assert result.threshold == shipped.floor
+    assert shipped.threshold <= result.probability and not result.promotional, result
+
+
+def test_score_familiar_words_and_one_signal_hold_a_pitch(shipped: promo.Model) -> None:
+    # The model knows these words and leans promotional; with one price that is enough
+    # where the words are familiar, though not where they are not (the floor).
+    raw = mail("Our company offers professional hosting. It runs on Linux and the source is "
+               "on the project page. Thousands of satisfied customers use it every day. The "
+               "kernel module compiles with gcc 3.2. Prices start at $19.95.\n",
+               subject="New hosting plans")
+    verdict = shipped.judge(promo.tokens(raw))
+    assert verdict.familiar and 0.5 < verdict.probability < 0.9
+    result = promo.score(raw, shipped)
+    assert names(result.signals) & ADVERT_SIGNALS == {"price"}
+    assert result.threshold == shipped.threshold
+    assert result.promotional and result.probability < shipped.floor, result
+    assert result.top()[0].name == "price"
 
 
 UNDECIDED = [
@@ -295,6 +326,7 @@ def test_model_round_trips_through_json(shipped: promo.Model) -> None:
     assert (again.promotional, again.ham) == (1, 1)
     copy = promo.Model.from_json(shipped.to_json())
     assert copy.weights == shipped.weights and copy.threshold == shipped.threshold
+    assert copy.floor == shipped.floor
     assert len(copy) == len(shipped)
 
 
@@ -308,6 +340,7 @@ def test_model_merged_adds_counts_and_keeps_the_base_weights(shipped: promo.Mode
     assert merged.counts("zorblax") == (1, 0)
     assert (merged.promotional, merged.ham) == (shipped.promotional + 1, shipped.ham + 1)
     assert merged.weights == shipped.weights and merged.threshold == shipped.threshold
+    assert merged.floor == shipped.floor
     assert shipped.counts("zorblax") == (0, 0), "merging does not change the base"
 
 
@@ -332,6 +365,22 @@ def test_model_learns_from_moderator_decisions(shipped: promo.Model) -> None:
     assert shipped.merged(released).probability(words) < before - 0.1
 
 
+def test_model_without_a_floor_holds_unfamiliar_mail_to_two_pieces_of_evidence() -> None:
+    # A model written before there were two thresholds: its one threshold for all mail,
+    # and no lower than MIN_EVIDENCE beyond the prior where the words are unfamiliar.
+    doc = {"format": promo.MODEL_FORMAT, "version": 1, "threshold": 0.2,
+           "weights": {"bias": -3.0, "model": 1, "signals": {}},
+           "messages": {"promotional": 1, "ham": 1}, "tokens": {}}
+    model = promo.Model.from_json(json.dumps(doc))
+    assert model.threshold == 0.2
+    assert model.floor == promo.evidence_floor(-3.0) > promo.sigmoid(-3.0 + promo.MIN_EVIDENCE)
+    familiar = promo.Verdict(0.9, promo.FULL_COVERAGE, (), promo.MIN_KNOWN_WORDS)
+    assert model.threshold_for(familiar) == 0.2
+    assert model.threshold_for(promo.Verdict(0.9, 0.3, (), 100)) == model.floor
+    # A floor below the threshold would let unfamiliar mail be held more easily.
+    assert promo.Model.from_json(json.dumps({**doc, "floor": 0.1})).floor == 0.2
+
+
 def test_model_empty_cannot_tell() -> None:
     assert promo.Model.empty().probability(["anything", "at", "all"]) == 0.5
 
@@ -348,6 +397,10 @@ BAD_MODELS = [
                              "weights": {"bias": 0, "model": 1, "signals": {}},
                              "messages": {"promotional": 1, "ham": 1}, "tokens": {}}),
                  id="threshold-out-of-range"),
+    pytest.param(json.dumps({"format": promo.MODEL_FORMAT, "version": 1, "threshold": 0.3,
+                             "floor": 1.5, "weights": {"bias": 0, "model": 1, "signals": {}},
+                             "messages": {"promotional": 1, "ham": 1}, "tokens": {}}),
+                 id="floor-out-of-range"),
 ]
 
 
@@ -368,6 +421,9 @@ def test_load_model_shipped_is_small_and_trained(shipped: promo.Model) -> None:
     assert 0.0 < shipped.threshold < 1.0
     for spec in promo.SIGNALS:
         assert shipped.weights.of(spec.name) * spec.direction > 0, spec.name
+        # No one signal reaches the floor that mail with unfamiliar words must pass.
+        assert shipped.weights.of(spec.name) <= promo.MIN_EVIDENCE, spec.name
+    assert shipped.floor >= promo.evidence_floor(shipped.weights.bias) > shipped.threshold
 
 
 # -------------------------------------------------------------------------- corpus
