@@ -24,7 +24,7 @@ test: install
 	$(BIN)/python -m pytest
 
 lint: install
-	$(BIN)/ruff check gateway tests bench
+	$(BIN)/ruff check gateway tests bench fuzz docs
 	$(BIN)/mypy
 
 clean:

@@ -985,7 +985,8 @@ def dkim_keygen(obj: Context, domain: str, selector: str | None, bits: int,
     selector = selector or (config.dkim.ed25519_selector if ed25519 else config.dkim.selector)
     if not selector:
         raise click.UsageError("give --selector (no [dkim] ed25519_selector is configured)")
-    config.dkim.directory.mkdir(parents=True, exist_ok=True)
+    # Private like the keys in it: whoever may write here may swap or delete a key.
+    config.dkim.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     path, record = keygen(addresses.normalise_domain(domain), selector, config.dkim.directory,
                           bits=bits, ed25519=ed25519)
     err.print(f"wrote {path} (mode 0600); publish this record, then restart the gateway:")

@@ -109,6 +109,13 @@ class Daemon:
         store.check_schema()
         directory = Directory(store)
         await asyncio.to_thread(directory.refresh)
+        keys = SigningKeys(config.dkim.directory, selector=config.dkim.selector,
+                           ed25519_selector=config.dkim.ed25519_selector, clock=self.clock)
+        # A key that cannot be used (others can read it, it does not parse) stops the start
+        # here, before a socket is open, not each delivery later; a domain without a key
+        # is only logged.
+        for domain in sorted(directory.domains):
+            await asyncio.to_thread(keys.for_domain, domain)
         claimer = Claimer(queue.worker_identity(), config.queue.lease, config.queue.max_attempts)
         await asyncio.to_thread(self._recover, store)
         wakeups = Wakeups(loop)
@@ -176,8 +183,6 @@ class Daemon:
                                 hostname=config.hostname, retry_delay=retry).run_once),
             (Stage.BOUNCES, bounces.run_once),
         ]
-        keys = SigningKeys(config.dkim.directory, selector=config.dkim.selector,
-                           ed25519_selector=config.dkim.ed25519_selector, clock=self.clock)
         delivery = Delivery(store, transport, clock=self.clock, claimer=claimer,
                             config=config.delivery, retry_delay=retry, link_signer=signer,
                             keys=keys, authserv_id=config.dkim.authserv_id or config.hostname)

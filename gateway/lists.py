@@ -362,6 +362,11 @@ class Directory:
         with self._lock:
             return self._lists.get((name, domain))
 
+    @property
+    def domains(self) -> frozenset[str]:
+        with self._lock:
+            return self._domains
+
     def serves(self, domain: str) -> bool:
         with self._lock:
             return domain in self._domains

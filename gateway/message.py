@@ -221,7 +221,8 @@ def content_type(value: str | None) -> ContentType:
     """A Content-Type value, defaulting like RFC 2045 to text/plain."""
     m = email.message.Message()
     if value:
-        m["Content-Type"] = value
+        # Undecodable bytes next to non-ASCII text would make the stdlib raise.
+        m["Content-Type"] = _unescape(value)
     ctype = m.get_content_type()
     params = {k.lower(): v for k, v in (m.get_params() or [])[1:] if isinstance(v, str)}
     maintype, _, subtype = ctype.partition("/")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import email.policy
 import email.utils
 import hashlib
+import re
 from dataclasses import dataclass, field
 from email.message import EmailMessage
 
@@ -31,12 +32,22 @@ class Notice:
     html: str | None = None
 
 
+def _one_line(text: str) -> str:
+    """Header text as one line. A subject quoted from a sender may hold CR or LF (an
+    encoded word can carry them): as words they are harmless, as line breaks they could
+    start a field of the sender's choosing, and the stdlib refuses them outright."""
+    return _LINE_BREAKS.sub(" ", text)
+
+
+_LINE_BREAKS = re.compile(r"[\r\n]+")
+
+
 def compose(notice: Notice, lst: ListIdentity, *, now: float,
             auto_submitted: str = "auto-replied") -> bytes:
     msg = EmailMessage(policy=email.policy.SMTP)
     msg[h.FROM] = email.utils.formataddr((f"{lst.display_name} list", lst.address("owner")))
     msg[h.TO] = notice.to
-    msg[h.SUBJECT] = notice.subject
+    msg[h.SUBJECT] = _one_line(notice.subject)
     msg[h.DATE] = email.utils.formatdate(now)
     seed = f"{notice.to}\0{notice.subject}\0{notice.text}\0{now}".encode("utf-8", "replace")
     msg[h.MESSAGE_ID] = f"<listgate.notice.{hashlib.sha256(seed).hexdigest()[:24]}@{lst.domain}>"

@@ -86,7 +86,8 @@ def _body_text(msg: Message) -> str:
     for part in msg.walk():
         if part.is_multipart() or part.get_content_maintype() != "text":
             continue
-        if (part.get("Content-Disposition") or "").strip().lower().startswith("attachment"):
+        # str(): 8-bit bytes in the field come back from the parser as a Header object.
+        if str(part.get("Content-Disposition") or "").strip().lower().startswith("attachment"):
             continue
         subtype = part.get_content_subtype()
         if subtype == "plain":
@@ -103,7 +104,7 @@ def _decoded(part: Message) -> str:
     charset = part.get_content_charset() or "utf-8"
     try:
         return payload.decode(charset, "replace")
-    except LookupError:
+    except (LookupError, ValueError):  # an unknown charset, or one with a NUL in it
         return payload.decode("utf-8", "replace")
 
 

@@ -184,7 +184,14 @@ class AuthenticationParams:
 def authentication(post: Post, params: AuthenticationParams) -> RuleHit | None:
     """The From domain fails authentication: the sender may be forged."""
     auth = post.auth
-    if auth is None or auth.from_domain is None:
+    if auth is None:
+        return None
+    if auth.from_domain is None:
+        # No single From domain to check (two addresses, or a From written to hide its
+        # domain) while the post still names an author: treat it as what it looks like.
+        if post.message.author is not None:
+            return RuleHit("authentication", "its From has no single domain that could be "
+                                             "checked: the From may be forged")
         return None
     if params.require == "dmarc" and auth.dmarc == "fail":
         return RuleHit("authentication", f"it fails DMARC for {auth.from_domain} "
