@@ -35,6 +35,7 @@ from gateway.queue import Claimer
 from gateway.replytext import find_command
 from gateway.routing import Role, Stage
 from gateway.schema import HeldState, RoleName, messages, work
+from gateway.schema import journal as journal_table
 from gateway.store import Store
 from gateway.templates import Templates
 from gateway.worker import Progress
@@ -62,6 +63,20 @@ class Reply:
     mailing_list: MailingList | None
     token: tokens.Token | None
     role: Role = Role.CONFIRM
+
+
+# Replies to one address's -request mail per list and day (GNU Mailman's
+# max_autoresponses_per_day): a forger cannot use the list to flood someone's inbox.
+MAX_REQUEST_REPLIES_PER_DAY = 10
+
+
+def _answered_today(conn: Connection, lst: MailingList, sender: str, now: float) -> int:
+    return int(conn.execute(
+        sa.select(sa.func.count()).select_from(journal_table)
+        .where(journal_table.c.list_id == lst.id, journal_table.c.event == "request",
+               journal_table.c.at >= now - 86400,
+               journal_table.c.detail.startswith(f"{sender}: ", autoescape=True))
+    ).scalar_one())
 
 
 class Commands:
@@ -258,6 +273,14 @@ class Commands:
         requester = selfservice.Requester(sender, auth.authenticated)
         now = self.clock.now()
         with self.store.write() as conn:
+            answered = _answered_today(conn, lst, sender, now)
+            if answered >= MAX_REQUEST_REPLIES_PER_DAY:
+                # Someone may be mailing -request in this address's name to flood it.
+                self._complete(conn, r)
+                self._record(conn, r, lst, "request-ignored",
+                             f"{sender}: {answered} requests answered in the last day "
+                             f"(at most {MAX_REQUEST_REPLIES_PER_DAY}); not answered")
+                return
             self._complete(conn, r)
             selfservice.run(conn, lst, requester, commands, now=now, templates=self.templates,
                             message_id=r.message_id)

@@ -13,6 +13,8 @@ import sqlalchemy as sa
 
 from gateway import lists
 from gateway.authentication import Resolver
+from gateway.clock import ManualClock
+from gateway.commands import MAX_REQUEST_REPLIES_PER_DAY
 from gateway.schema import Mode, RoleName, journal
 from gateway.store import Store
 from tests.conftest import LIST, Keys
@@ -140,6 +142,31 @@ def test_selfservice_never_answers_bulk_robots_or_empty_senders(
                                       extra_headers=headers))
         wait_until(lambda: bool(events(store, "request-ignored")), what="ignored")
     assert sink.handler.copies() == []
+
+
+def test_selfservice_answers_one_address_at_most_ten_times_a_day(
+        self_service: Path, sink: Sink, store: Store, keys: Keys) -> None:
+    """Someone mails -request again and again in a victim's name: the victim gets at
+    most ten answers a day (GNU Mailman's max_autoresponses_per_day), then none; the
+    next day they are answered again, and other addresses never were affected."""
+    request = "discuss-request@example.org"
+    clock = ManualClock(1_800_000_000.0)
+    with gateway(self_service, clock=clock,
+                 resolver=Resolver(records=keys.resolver_records)) as gw:
+        for i in range(MAX_REQUEST_REPLIES_PER_DAY + 3):
+            gw.send(MEMBER, request, post(MEMBER, request, f"help {i}", "help\n"))
+        wait_until(lambda: len(events(store, "request")) + len(events(store, "request-ignored"))
+                   == MAX_REQUEST_REPLIES_PER_DAY + 3, what="every request read")
+        wait_until(lambda: len(mails(sink, MEMBER)) == MAX_REQUEST_REPLIES_PER_DAY,
+                   what="ten answers")
+        assert len(events(store, "request-ignored")) == 3
+        assert all("not answered" in d for d in events(store, "request-ignored"))
+        gw.send(OWNER, request, post(OWNER, request, "help", "help\n"))
+        wait_until(lambda: len(mails(sink, OWNER)) == 1, what="another address answered")
+        clock.advance(86400 + 1)
+        gw.send(MEMBER, request, post(MEMBER, request, "help again", "help\n"))
+        wait_until(lambda: len(mails(sink, MEMBER)) == MAX_REQUEST_REPLIES_PER_DAY + 1,
+                   what="an answer the next day")
 
 
 def test_selfservice_one_click_unsubscribe_by_http_post(self_service: Path, sink: Sink,
