@@ -26,7 +26,7 @@ from gateway.clock import Clock
 from gateway.config import IntakeConfig
 from gateway.errors import StoreError
 from gateway.message import split
-from gateway.routing import Hit, Router, Stage
+from gateway.routing import Hit, Role, Router, Stage
 from gateway.schema import State, messages, work
 from gateway.store import Store
 
@@ -144,7 +144,7 @@ class IntakeWriter:
                 ids.append(qid)
         for a, qid in zip(arrivals, ids, strict=False):
             log.info("accepted queue_id=%s from=<%s> to=%s size=%d message_id=%s peer=%s",
-                     qid, printable(a.mail_from), ",".join(hit.address for hit in a.hits),
+                     qid, printable(a.mail_from), ",".join(_loggable(hit) for hit in a.hits),
                      len(a.raw), printable(a.message_id or "-"), a.peer)
         return ids
 
@@ -232,6 +232,16 @@ def _return_path(mail_from: str | None) -> str:
     if value.startswith("<") and value.endswith(">"):
         value = value[1:-1]
     return value
+
+
+def _loggable(hit: Hit) -> str:
+    """A recipient for the log: a confirmation token is a capability until it is used,
+    so only its first characters are shown."""
+    if hit.route.role is not Role.CONFIRM:
+        return hit.address
+    local, _at, domain = hit.address.rpartition("@")
+    base, plus, token = local.partition("+")
+    return f"{base}{plus}{token[:6]}...@{domain}" if plus else hit.address
 
 
 def printable(text: str) -> str:

@@ -302,7 +302,9 @@ def test_security_forged_commands_change_nobodys_subscription(config_path: Path,
 
 
 def test_security_confirmation_tokens_are_bound_to_one_list_and_used_once(
-        secured: Path, sink: Sink, store: Store, keys: Keys) -> None:
+        secured: Path, sink: Sink, store: Store, keys: Keys,
+        caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
     request = "discuss-request@example.org"
     with run(secured, keys) as gw:
         gw.send(NEWCOMER, request, post(NEWCOMER, request, "subscribe", "subscribe\n"))
@@ -321,6 +323,10 @@ def test_security_confirmation_tokens_are_bound_to_one_list_and_used_once(
         gw.send(NEWCOMER, confirm, post(NEWCOMER, confirm, "Re: confirm", "yes\n"))
         wait_until(lambda: mode_of(store, LIST, NEWCOMER) is Mode.REGULAR, what="the join")
         assert mode_of(store, OTHER_LIST, NEWCOMER) is None
+        # The daemon's log names the confirm address it took, never the whole token.
+        ours = "\n".join(r.getMessage() for r in caplog.records if r.name.startswith("gateway"))
+        assert f"discuss-confirm+{token[:6]}...@example.org" in ours
+        assert token not in ours
 
         # A leave confirmation replayed after the member came back does not remove them.
         leave = "discuss-leave@example.org"
