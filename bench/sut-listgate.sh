@@ -224,6 +224,12 @@ prepare)
         *) log "prepare: unknown mode $mode (regular, mime or plain)"; exit 2 ;;
     esac
     sync_members "$list" "$members" "$mode"
+    if [ "$mode" != regular ]; then
+        # One digest of all the bench's posts, sent by digest-send: not early ones as the
+        # batch fills (the defaults send at 50 posts or 1 MB).
+        lg lists set "$list" --digest-max-posts 0 --digest-max-bytes 0 >&2
+        if p="$(serve_pid)"; then kill -HUP "$p"; sleep 1; fi
+    fi
     if [ -n "${LISTGATE_BENCH_PERSONALIZE:-}" ]; then
         lg lists set "$list" --personalize "$LISTGATE_BENCH_PERSONALIZE" >&2
         if p="$(serve_pid)"; then kill -HUP "$p"; sleep 1; fi  # re-read the lists now
