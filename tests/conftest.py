@@ -77,6 +77,20 @@ def sink() -> Iterator[Sink]:
 
 LIST = "discuss@example.org"
 MEMBERS = ["alice@example.net", "bob@example.net", "carol@example.net"]
+NEWBIE = "newbie@example.net"  # a member with no approved post yet: their first is held
+
+
+def discussion_list(store: Store, *, roles: dict[str, RoleName]) -> lists.MailingList:
+    """LIST with MEMBERS (each with an approved post already), NEWBIE, and ``roles``."""
+    with store.write() as conn:
+        lst = lists.create(conn, LIST, now=0.0, display_name="Discuss")
+        for address in MEMBERS:
+            lists.add_member(conn, lst, address, now=0.0)
+            lists.update_standing(conn, lst.id, address, now=0.0, approved=1)
+        lists.add_member(conn, lst, NEWBIE, now=0.0)
+        for address, role in roles.items():
+            lists.add_role(conn, lst, address, role)
+    return lst
 
 
 @pytest.fixture

@@ -10,11 +10,10 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from gateway import lists
 from gateway.cli import main
 from gateway.schema import RoleName
 from gateway.store import Store
-from tests.conftest import LIST, MEMBERS
+from tests.conftest import LIST, MEMBERS, NEWBIE, discussion_list
 from tests.support import (
     CORPUS,
     GatewayProcess,
@@ -26,18 +25,10 @@ from tests.support import (
     write_config,
 )
 
-NEWBIE = "newbie@example.net"
-
 
 @pytest.fixture
 def shipped_policy(tmp_path: Path, sink: Sink, store: Store, store_url: str) -> Path:
-    with store.write() as conn:
-        lst = lists.create(conn, LIST, now=0.0, display_name="Discuss")
-        for address in MEMBERS:
-            lists.add_member(conn, lst, address, now=0.0)
-            lists.update_standing(conn, lst.id, address, now=0.0, approved=1)
-        lists.add_member(conn, lst, NEWBIE, now=0.0)
-        lists.add_role(conn, lst, MEMBERS[0], RoleName.OWNER)
+    discussion_list(store, roles={MEMBERS[0]: RoleName.OWNER})
     return write_config(tmp_path / "gw", smarthost=sink.url, store_url=store_url)
 
 

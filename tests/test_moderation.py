@@ -22,26 +22,20 @@ from gateway.authentication import Resolver, Signer
 from gateway.clock import ManualClock
 from gateway.schema import RoleName, held, journal
 from gateway.store import Store
-from tests.conftest import LIST, MEMBERS, Keys
+from tests.conftest import LIST, MEMBERS, NEWBIE, Keys, discussion_list
 from tests.support import RunningGateway, Sink, gateway, post, wait_until, write_config
 
 MODERATOR = "mod@mods.example"
 MODERATOR_2 = "other-mod@mods.example"
-NEWBIE = "newbie@example.net"
 OTHER_LIST = "other@example.org"
 
 
 @pytest.fixture
 def moderated(tmp_path: Path, sink: Sink, store: Store, store_url: str) -> Path:
     """discuss@ with three members, a newcomer, two moderators; the shipped policy."""
+    discussion_list(store, roles={MODERATOR: RoleName.MODERATOR,
+                                  MODERATOR_2: RoleName.MODERATOR})
     with store.write() as conn:
-        lst = lists.create(conn, LIST, now=0.0, display_name="Discuss")
-        for address in MEMBERS:
-            lists.add_member(conn, lst, address, now=0.0)
-            lists.update_standing(conn, lst.id, address, now=0.0, approved=1)
-        lists.add_member(conn, lst, NEWBIE, now=0.0)
-        lists.add_role(conn, lst, MODERATOR, RoleName.MODERATOR)
-        lists.add_role(conn, lst, MODERATOR_2, RoleName.MODERATOR)
         other = lists.create(conn, OTHER_LIST, now=0.0)
         lists.add_role(conn, other, MODERATOR, RoleName.MODERATOR)
         lists.add_member(conn, other, NEWBIE, now=0.0)

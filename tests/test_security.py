@@ -45,12 +45,11 @@ from gateway.schema import (
 )
 from gateway.signing import LinkSigner
 from gateway.store import Store
-from tests.conftest import LIST, MEMBERS, Keys
+from tests.conftest import LIST, MEMBERS, NEWBIE, Keys, discussion_list
 from tests.support import CORE_POLICY, RunningGateway, Sink, gateway, post, wait_until, write_config
 
 OTHER_LIST = "other@example.org"
 MODERATOR = "mod@mods.example"
-NEWBIE = "newbie@example.net"       # a member whose first post is held
 STRANGER = "stranger@example.com"   # not a member: their posts are held (shipped policy)
 NEWCOMER = "new@example.com"        # asks to join
 VICTIM = "victim@example.net"       # an address an attacker names
@@ -68,14 +67,9 @@ def store_url(tmp_path: Path) -> str:
 def secured(tmp_path: Path, sink: Sink, store: Store, store_url: str) -> Path:
     """discuss@ (three approved members, a newcomer, a moderator, an owner) and other@,
     under the shipped policy: non-members' and first posts are held."""
+    discussion_list(store, roles={MODERATOR: RoleName.MODERATOR,
+                                  MEMBERS[0]: RoleName.OWNER})
     with store.write() as conn:
-        lst = lists.create(conn, LIST, now=0.0, display_name="Discuss")
-        for address in MEMBERS:
-            lists.add_member(conn, lst, address, now=0.0)
-            lists.update_standing(conn, lst.id, address, now=0.0, approved=1)
-        lists.add_member(conn, lst, NEWBIE, now=0.0)
-        lists.add_role(conn, lst, MODERATOR, RoleName.MODERATOR)
-        lists.add_role(conn, lst, MEMBERS[0], RoleName.OWNER)
         other = lists.create(conn, OTHER_LIST, now=0.0, display_name="Other")
         lists.add_member(conn, other, MEMBERS[1], now=0.0)
         lists.add_role(conn, other, MODERATOR, RoleName.MODERATOR)
