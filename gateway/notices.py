@@ -35,11 +35,19 @@ class Notice:
 def _one_line(text: str) -> str:
     """Header text as one line. A subject quoted from a sender may hold CR or LF (an
     encoded word can carry them): as words they are harmless, as line breaks they could
-    start a field of the sender's choosing, and the stdlib refuses them outright."""
-    return _LINE_BREAKS.sub(" ", text)
+    start a field of the sender's choosing, and the stdlib refuses them outright. An
+    encoded word left undecoded next to 8-bit text ("=?gb2312?B?...?= 种") makes the
+    stdlib's folder fail too: its "=?" is broken up so it reads as the text it is."""
+    text = _LINE_BREAKS.sub(" ", text)
+    return text if text.isascii() else text.replace("=?", "= ?")
 
 
 _LINE_BREAKS = re.compile(r"[\r\n]+")
+
+
+# A Message-ID worth quoting in In-Reply-To: printable ASCII in angle brackets (a
+# sender's 8-bit or multi-line one cannot be written in a 7-bit header, nor trusted).
+_MSG_ID = re.compile(r"<[\x21-\x3d\x3f-\x7e]{1,900}>")
 
 
 def compose(notice: Notice, lst: ListIdentity, *, now: float,
@@ -51,7 +59,7 @@ def compose(notice: Notice, lst: ListIdentity, *, now: float,
     msg[h.DATE] = email.utils.formatdate(now)
     seed = f"{notice.to}\0{notice.subject}\0{notice.text}\0{now}".encode("utf-8", "replace")
     msg[h.MESSAGE_ID] = f"<listgate.notice.{hashlib.sha256(seed).hexdigest()[:24]}@{lst.domain}>"
-    if notice.in_reply_to and "\n" not in notice.in_reply_to and "\r" not in notice.in_reply_to:
+    if notice.in_reply_to and _MSG_ID.fullmatch(notice.in_reply_to):
         msg[h.IN_REPLY_TO] = notice.in_reply_to
         msg[h.REFERENCES] = notice.in_reply_to
     if notice.reply_to:
