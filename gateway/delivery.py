@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 from collections import Counter, OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -129,6 +130,13 @@ class Delivery:
         self.retry_delay = retry_delay
         self.cache = ContentCache()
         self._held: dict[int, Job] = {}
+        # Set when recorded outcomes free room under the feeder's cap: a full feeder
+        # claims again at once instead of at the next poll (which capped a busy list at
+        # [delivery] connections x 4 transactions per poll_interval).
+        self._room = asyncio.Event()
+        # Renewing leases and recording outcomes update the same rows; taking them in
+        # turn keeps PostgreSQL from deadlocking the two transactions.
+        self._row_writes = threading.Lock()
 
     async def run(self, wakeups: Wakeups, *, poll_interval: float, stopping: asyncio.Event,
                   grace: float = 30.0) -> None:
@@ -165,6 +173,7 @@ class Delivery:
                       poll_interval: float, stopping: asyncio.Event) -> None:
         capacity = self.config.connections * 4
         while not stopping.is_set():
+            self._room.clear()
             room = min(self.config.batch, capacity - len(self._held))
             claimed: list[Job] = []
             if room > 0:
@@ -179,9 +188,12 @@ class Delivery:
                 continue
             waiter = asyncio.ensure_future(wakeups.wait(self.stage, poll_interval))
             stopper = asyncio.ensure_future(stopping.wait())
-            await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            waiter.cancel()
-            stopper.cancel()
+            waits = {waiter, stopper}
+            if len(self._held) >= capacity:  # full: the next free slot is worth a claim
+                waits.add(asyncio.ensure_future(self._room.wait()))
+            await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+            for w in waits:
+                w.cancel()
 
     def _claim(self, limit: int) -> list[Job]:
         with self.store.write() as conn:
@@ -304,10 +316,11 @@ class Delivery:
                 for r in batch:
                     self._held.pop(r.job.id, None)
                     results.task_done()
+                self._room.set()
 
     def _record(self, batch: Iterable[Result]) -> None:
         tally: Counter[str] = Counter()
-        with self.store.write() as conn:
+        with self._row_writes, self.store.write() as conn:
             finished: set[int] = set()
             for result in batch:
                 if self._record_one(conn, result, tally):
@@ -412,5 +425,5 @@ class Delivery:
                     log.exception("delivery: renewing %d leases failed", len(ids))
 
     def _renew(self, ids: list[int]) -> None:
-        with self.store.write() as conn:
+        with self._row_writes, self.store.write() as conn:
             queue.renew(conn, outbound, ids, self.claimer, now=self.clock.now())

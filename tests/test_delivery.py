@@ -7,6 +7,7 @@ the test then waits for the daemon to act on it (it never sleeps for a schedule)
 from __future__ import annotations
 
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import sqlalchemy as sa
 
 from gateway import lists
 from gateway.clock import ManualClock
+from gateway.config import Seconds, load
 from gateway.schema import Mode, State, contents, delivery_failures, outbound
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS
@@ -210,3 +212,24 @@ def test_delivery_splits_large_lists_into_transactions(config_path: Path, sink: 
     assert Counter(r for r, _d in copies) == Counter(MEMBERS + extra)
     assert sorted(len(m.rcpt_tos) for m in sink.handler.messages) == [50, 100, 100]
     assert len({m.data for m in sink.handler.messages}) == 1
+
+
+def test_delivery_keeps_claiming_while_outcomes_free_room(config_path: Path, sink: Sink,
+                                                         store: Store) -> None:
+    """More transactions than the feeder may hold at once ([delivery] connections x 4):
+    each recorded outcome makes room for the next claim at once, not at the next poll
+    of the queue (an hour away here)."""
+    path = reconfigure(config_path, "max_recipients = 10")
+    extra = [f"member{i:03d}@example.com" for i in range(200 - len(MEMBERS))]
+    with store.write() as conn:
+        lst = lists.get(conn, LIST)
+        lists.update(conn, lst, personalize=False)
+        lists.add_members(conn, lst, [(a, "", Mode.REGULAR) for a in extra], now=0.0)
+    config = load(path)
+    with gateway(path, clock=ManualClock(), delivery=replace(config.delivery, connections=1),
+                 queue=replace(config.queue, poll_interval=Seconds(3600))) as gw:
+        gw.send(ALICE, LIST, post(ALICE, LIST, "To 200 members, 20 transactions"))
+        copies = sink.wait_for(200)
+        queue_empty(store)
+    assert Counter(r for r, _d in copies) == Counter(MEMBERS + extra)
+    assert len(sink.handler.messages) == 20  # five times what the feeder holds at once
