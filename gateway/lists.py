@@ -7,6 +7,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection, Row
 from sqlalchemy.exc import IntegrityError
 
@@ -160,17 +161,15 @@ def add_members(conn: Connection, lst: MailingList, rows: Iterable[tuple[str, st
         wanted.setdefault(addresses.normalise(address), (name, mode))
     if not wanted:
         return 0, []
-    existing: set[str] = set()
-    keys = list(wanted)
-    for i in range(0, len(keys), 500):
-        existing.update(conn.execute(sa.select(members.c.address).where(
-            members.c.list_id == lst.id, members.c.address.in_(keys[i:i + 500]))).scalars())
-    new = [{"list_id": lst.id, "address": a, "display_name": n, "mode": m.value,
-            "enabled": True, "created_at": now}
-           for a, (n, m) in wanted.items() if a not in existing]
-    if new:
-        conn.execute(members.insert(), new)
-    return len(new), sorted(existing)
+    # The unique index decides what is new (a lookup first was planned as a scan of the
+    # whole list on PostgreSQL while its statistics still said the table was empty).
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)
+    statement = insert(members).on_conflict_do_nothing(
+        index_elements=[members.c.list_id, members.c.address]).returning(members.c.address)
+    added = set(conn.execute(statement, [
+        {"list_id": lst.id, "address": a, "display_name": n, "mode": m.value,
+         "enabled": True, "created_at": now} for a, (n, m) in wanted.items()]).scalars())
+    return len(added), sorted(set(wanted) - added)
 
 
 def remove_member(conn: Connection, lst: MailingList, address: str) -> None:
