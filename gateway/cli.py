@@ -177,26 +177,33 @@ def _example(store: Store) -> None:
 
 
 @main.command()
+@click.option("--processes", "-p", type=click.IntRange(min=1), default=None,
+              help="Worker processes (default: [daemon] processes, 1).")
 @click.pass_obj
 @fail_cleanly
-def serve(obj: Context) -> None:
+def serve(obj: Context, processes: int | None) -> None:
     """Run the gateway until SIGTERM or Ctrl-C."""
-    from gateway.daemon import Daemon
+    from gateway.daemon import Bound, Daemon, Supervisor
 
     config = obj.config()
+    processes = processes or config.daemon.processes
+    # With workers, each line says whose it is; the rest of the line reads as with one.
+    pid = " [%(process)d]" if processes > 1 else ""
     logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+                        format=f"%(asctime)s{pid} %(levelname)s %(name)s: %(message)s")
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
-    daemon = Daemon(config)
 
-    def ready() -> None:
-        for b in daemon.bound:
+    def ready(bound: list[Bound]) -> None:
+        for b in bound:
             out.print(f"listening: {b.protocol}://{b.host}:{b.port}")
         if not config.delivery.smarthost:
             outbox = config.delivery.outbox / "new"
             out.print(f"no smarthost set: mail for members goes to {outbox}")
 
-    asyncio.run(daemon.run(ready=ready, handle_signals=True))
+    if processes > 1:
+        sys.exit(Supervisor(config, processes, ready=ready).run())
+    daemon = Daemon(config)
+    asyncio.run(daemon.run(ready=lambda: ready(daemon.bound), handle_signals=True))
 
 
 @main.group()

@@ -52,6 +52,15 @@ def parse_duration(value: object) -> Seconds:
 
 
 @dataclass(frozen=True)
+class DaemonConfig:
+    """How `listgate serve` runs: one process, or a supervisor and several workers."""
+
+    # 1: intake and every stage in one process (one core). More: a supervisor starts
+    # this many workers sharing the listening sockets and the store.
+    processes: int = 1
+
+
+@dataclass(frozen=True)
 class StoreConfig:
     """Where the store lives: a SQLAlchemy URL (SQLite or PostgreSQL)."""
 
@@ -192,6 +201,7 @@ class LogConfig:
 
 @dataclass(frozen=True)
 class Config:
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
     store: StoreConfig = field(default_factory=StoreConfig)
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     queue: QueueConfig = field(default_factory=QueueConfig)
@@ -355,6 +365,7 @@ def _check(config: Config, where: str) -> None:
         "[delivery] connections": config.delivery.connections,
         "[delivery] batch": config.delivery.batch,
         "[store] pool_size": config.store.pool_size,
+        "[daemon] processes": config.daemon.processes,
     }
     for key, value in positive.items():
         if value < 1:

@@ -6,7 +6,9 @@ returned has been committed and, on SQLite, fsync'd: that is what a 250 rests on
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -43,15 +45,29 @@ def normalise_url(url: str) -> str:
 class Store:
     """A database with transactions that either commit durably or raise StoreError."""
 
-    def __init__(self, url: str, *, clock: Clock, pool_size: int = 8) -> None:
+    def __init__(self, url: str, *, clock: Clock, pool_size: int = 8,
+                 writes_first: bool = False) -> None:
         self.url = normalise_url(url)
         self.clock = clock
         self.engine = _engine(self.url, pool_size)
         # SQLite has one writer at a time, and a writer that finds the lock taken polls
         # for it, sleeping up to 100 ms between tries. The stages of one process queue
         # here instead, and the next starts the moment the last commits (a post's
-        # latency went from ~40 ms to a few under load). Other processes still poll.
+        # latency went from ~40 ms to a few under load). Other processes (the workers
+        # of `serve`, the CLI) queue behind the in-process turn on a flock of a file next
+        # to the database: in the kernel, not in SQLite's busy handler. Correctness
+        # never rests on the flock (SQLite's own lock does that); the kernel drops it
+        # when its holder dies, however it dies.
+        # A second file is a gate: a ``writes_first`` store (the intake worker, whose
+        # clients wait for the commit) holds it while it waits for the lock, and the
+        # other writers pass it before they wait; so a stage that has just committed
+        # cannot take the lock straight back while intake is waiting for it.
         self._write_turn = threading.Lock() if self.is_sqlite else None
+        self._writes_first = writes_first
+        self._write_lock_fd = self._write_gate_fd = None
+        if self.is_sqlite:
+            self._write_lock_fd = _open_lock_file(self.url, "-writelock")
+            self._write_gate_fd = _open_lock_file(self.url, "-writegate")
 
     @property
     def is_sqlite(self) -> bool:
@@ -74,9 +90,31 @@ class Store:
             raise StoreUnavailable("database is locked: another write in this process took "
                                    f"longer than {SQLITE_BUSY_TIMEOUT}s")
         try:
-            yield
+            self._flock_turn()
+            try:
+                yield
+            finally:
+                if self._write_lock_fd is not None:
+                    fcntl.flock(self._write_lock_fd, fcntl.LOCK_UN)
         finally:
             self._write_turn.release()
+
+    def _flock_turn(self) -> None:
+        lock, gate = self._write_lock_fd, self._write_gate_fd
+        if lock is None:
+            return
+        if gate is None:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        elif self._writes_first:
+            fcntl.flock(gate, fcntl.LOCK_EX)
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+            finally:
+                fcntl.flock(gate, fcntl.LOCK_UN)
+        else:
+            fcntl.flock(gate, fcntl.LOCK_SH)
+            fcntl.flock(gate, fcntl.LOCK_UN)
+            fcntl.flock(lock, fcntl.LOCK_EX)
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -129,6 +167,33 @@ class Store:
 
     def dispose(self) -> None:
         self.engine.dispose()
+        for fd in (self._write_lock_fd, self._write_gate_fd):
+            if fd is not None:
+                os.close(fd)
+        self._write_lock_fd = self._write_gate_fd = None
+
+
+def write_lock_path(url: str, suffix: str = "-writelock") -> Path | None:
+    """The file whose flock orders SQLite writers across processes: ``<db>-writelock``
+    (and ``<db>-writegate``, the gate before it)."""
+    path = sa.engine.make_url(url).database
+    return Path(f"{path}{suffix}") if path else None
+
+
+def _open_lock_file(url: str, suffix: str) -> int | None:
+    path = write_lock_path(url, suffix)
+    if path is None:
+        return None
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o660)
+    except OSError:
+        pass
+    try:  # a file made by another user: flock needs no write access
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.warning("no cross-process write lock (%s): writers of other processes will "
+                    "poll SQLite's lock instead", exc)
+        return None
 
 
 def _describe(exc: DBAPIError) -> str:

@@ -1,15 +1,17 @@
 """Running a stage: claim a batch, process it, sleep until woken or the poll interval.
 
 Stages tell each other that work is waiting through ``Wakeups`` (in-process
-events); work itself only ever passes through the store. With several
-processes sharing a store, the poll interval is the bound on latency between them.
+events, and between the workers of one `serve` through a ``WakeChannel``); work
+itself only ever passes through the store. Between processes not started together
+(other machines, a second `serve`), the poll interval bounds the latency.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+import socket
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from gateway.errors import StoreUnavailable
@@ -37,15 +39,29 @@ class Progress:
 
 
 class Wakeups:
-    """Per-stage events that any thread may set."""
+    """Per-stage events that any thread may set; passed on to sibling processes too
+    when a ``channel`` is given."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, *,
+                 channel: WakeChannel | None = None) -> None:
         self._loop = loop
         self._events = {stage: asyncio.Event() for stage in Stage}
+        self._channel = channel
+        if channel is not None:
+            channel.listen(loop, self.notify_local)
 
     def notify(self, *stages: Stage) -> None:
+        self.notify_local(*stages)
+        if self._channel is not None and stages:
+            self._channel.send(stages)
+
+    def notify_local(self, *stages: Stage) -> None:
         for stage in stages:
             self._loop.call_soon_threadsafe(self._events[stage].set)
+
+    def close(self) -> None:
+        if self._channel is not None:
+            self._channel.close(self._loop)
 
     async def wait(self, stage: Stage, timeout: float) -> None:
         event = self._events[stage]
@@ -54,6 +70,49 @@ class Wakeups:
         except TimeoutError:
             pass
         event.clear()
+
+
+class WakeChannel:
+    """Stage names sent between the worker processes of one `serve`, as datagrams.
+
+    Each worker reads its own ``inbox`` and writes to its siblings' (a unix datagram
+    socketpair per worker, made by the supervisor before it forks and kept open by it,
+    so a restarted worker gets the same one). A send never blocks: a full inbox means
+    its reader has wake-ups waiting already.
+    """
+
+    def __init__(self, inbox: socket.socket, siblings: Sequence[socket.socket]) -> None:
+        self.inbox = inbox
+        self.siblings = list(siblings)
+
+    def send(self, stages: Sequence[Stage] | set[Stage]) -> None:
+        data = ",".join(stage.value for stage in stages).encode("ascii")
+        for sibling in self.siblings:
+            try:
+                sibling.send(data, socket.MSG_DONTWAIT)
+            except OSError:  # full (it will wake anyway) or gone (it is being restarted)
+                pass
+
+    def listen(self, loop: asyncio.AbstractEventLoop, notify: Callable[..., None]) -> None:
+        self.inbox.setblocking(False)
+        by_name = {stage.value: stage for stage in Stage}
+
+        def readable() -> None:
+            stages: set[Stage] = set()
+            while True:
+                try:
+                    data = self.inbox.recv(4096)
+                except (BlockingIOError, InterruptedError):
+                    break
+                stages.update(by_name[name] for name in data.decode("ascii", "replace")
+                              .split(",") if name in by_name)
+            if stages:
+                notify(*stages)
+
+        loop.add_reader(self.inbox.fileno(), readable)
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self.inbox.fileno())
 
 
 async def run_stage(stage: Stage, run_once: Callable[[Progress], Progress], wakeups: Wakeups, *,

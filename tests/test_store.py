@@ -6,11 +6,13 @@ from a ManualClock: the queue takes ``now`` as an argument, never reads a clock.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -23,7 +25,7 @@ from gateway.clock import ManualClock
 from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
 from gateway.queue import Claimer
 from gateway.schema import QUEUE_TABLES, State, contents, lists, metadata, outbound, work
-from gateway.store import Store, normalise_url
+from gateway.store import Store, normalise_url, write_lock_path
 from tests.helpers_unit import add_rows
 from tests.support import REPO
 
@@ -531,3 +533,100 @@ def test_store_sqlite_writer_waiting_too_long_is_told_so(store: Store,
         conn.execute(contents.insert().values(created_at=3.0, data=b"after"))
     with store.read() as conn:
         assert sorted(conn.execute(sa.select(contents.c.data)).scalars()) == [b"after", b"held"]
+
+
+# A process that takes the SQLite write lock's flock, says so, and keeps it until killed.
+FLOCK_HOLDER = ("import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                "fcntl.flock(f, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+
+
+def test_store_sqlite_writers_of_other_processes_queue_on_the_lock_file(store: Store) -> None:
+    """Another process's writer holds the flock: ours waits in the kernel (not in
+    SQLite's busy handler), and goes the moment that process dies, even by SIGKILL."""
+    if not store.is_sqlite:
+        pytest.skip("PostgreSQL needs no cross-process writer lock")
+    lock_file = write_lock_path(store.url)
+    assert lock_file is not None and lock_file.exists()
+    with subprocess.Popen([sys.executable, "-c", FLOCK_HOLDER, str(lock_file)],
+                          stdout=subprocess.PIPE) as holder:
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+            done = threading.Event()
+
+            def write() -> None:
+                with store.write() as conn:
+                    conn.execute(contents.insert().values(created_at=1.0, data=b"queued"))
+                done.set()
+
+            writer = threading.Thread(target=write)
+            writer.start()
+            assert not done.wait(0.5)  # SQLite's lock is free: only the flock holds it back
+            holder.kill()
+            assert done.wait(10)
+            writer.join(10)
+        finally:
+            holder.kill()
+    with store.read() as conn:
+        assert list(conn.execute(sa.select(contents.c.data)).scalars()) == [b"queued"]
+
+
+def test_store_sqlite_write_lock_is_released_after_commit_and_on_error(store: Store) -> None:
+    if not store.is_sqlite:
+        pytest.skip("PostgreSQL needs no cross-process writer lock")
+    lock_file = write_lock_path(store.url)
+    assert lock_file is not None
+
+    def free() -> bool:
+        with open(lock_file) as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return False
+            fcntl.flock(f, fcntl.LOCK_UN)
+            return True
+
+    with store.write() as conn:
+        conn.execute(contents.insert().values(created_at=1.0, data=b"x"))
+        assert not free()
+    assert free()
+    with pytest.raises(RuntimeError):
+        with store.write() as conn:
+            assert not free()
+            raise RuntimeError("rolled back")
+    assert free()
+
+
+def test_store_sqlite_writes_first_store_goes_before_waiting_writers(store: Store) -> None:
+    """Intake's store (``writes_first``) waiting for the lock holds the gate: a writer of
+    another process that comes meanwhile waits until intake has had its turn."""
+    if not store.is_sqlite:
+        pytest.skip("PostgreSQL needs no cross-process writer lock")
+    intake = Store(store.url, clock=store.clock, pool_size=2, writes_first=True)
+    lock_file = write_lock_path(store.url)
+    order: list[bytes] = []
+    try:
+        with subprocess.Popen([sys.executable, "-c", FLOCK_HOLDER, str(lock_file)],
+                              stdout=subprocess.PIPE) as holder:
+            try:
+                assert holder.stdout is not None and holder.stdout.readline() == b"held\n"
+
+                def write(into: Store, data: bytes) -> None:
+                    with into.write() as conn:
+                        conn.execute(contents.insert().values(created_at=1.0, data=data))
+                        order.append(data)
+
+                first = threading.Thread(target=write, args=(intake, b"intake"))
+                first.start()
+                time.sleep(0.2)  # intake is waiting for the lock, holding the gate
+                second = threading.Thread(target=write, args=(store, b"stage"))
+                second.start()
+                time.sleep(0.2)
+                assert order == []
+                holder.kill()
+                first.join(10)
+                second.join(10)
+            finally:
+                holder.kill()
+    finally:
+        intake.dispose()
+    assert order == [b"intake", b"stage"]

@@ -1,0 +1,242 @@
+"""`listgate serve` with ``[daemon] processes = 2``: a supervisor, an intake worker
+and a stage worker.
+
+The real command in its own process, real SMTP clients on loopback, a real sink,
+on SQLite and PostgreSQL: concurrent posts reach every member exactly once; SIGTERM
+to the supervisor stops every worker and loses nothing that got a 250; a worker
+killed with SIGKILL under load is restarted and its leased work is done; a worker
+that cannot start makes `serve` exit non-zero with the reason.
+"""
+
+from __future__ import annotations
+
+import collections
+import email
+import os
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+
+from gateway.schema import outbound, work
+from gateway.store import Store
+from tests.conftest import LIST, MEMBERS
+from tests.support import REPO, Sink, free_port, post, wait_until, write_config
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 2
+CLIENTS = 4
+STARTED = re.compile(r"worker (\d+) started \(pid (\d+)\)")
+
+
+class Serve:
+    """`listgate serve` with two workers, its output in a log file."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.log = config.parent / "serve.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *, wait: bool = True) -> Serve:
+        with open(self.log, "ab") as logf:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "gateway", "--config", str(self.config), "serve"],
+                stdout=logf, stderr=subprocess.STDOUT, cwd=REPO)
+        if wait:
+            # Printed once every worker is up (the sockets answer before: the supervisor
+            # binds them, and connections wait in the backlog for a worker).
+            wait_until(lambda: "listening: smtp://" in self.text() or self.exited(),
+                       what="serve to start")
+            assert not self.exited(), self.text()[-3000:]
+        return self
+
+    def text(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def exited(self) -> bool:
+        return self.proc is not None and self.proc.poll() is not None
+
+    def workers(self) -> dict[int, int]:
+        """slot -> pid of the worker started last in that slot."""
+        return {int(slot): int(pid) for slot, pid in STARTED.findall(self.text())}
+
+    def terminate(self) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        return self.proc.wait(60)
+
+
+@pytest.fixture
+def serve(config_path: Path) -> Iterator[Serve]:
+    port = free_port()
+    text = config_path.read_text()
+    text = re.sub(r"listen = \[[^\]]*\]", f'listen = ["smtp://127.0.0.1:{port}"]', text, count=1)
+    config_path.write_text(f"[daemon]\nprocesses = {WORKERS}\n{text}")
+    running = Serve(config_path)
+    running.port = port  # type: ignore[attr-defined]
+    try:
+        yield running
+    finally:
+        if running.proc is not None and running.proc.poll() is None:
+            running.proc.kill()
+            running.proc.wait(10)
+        for pid in running.workers().values():  # none may outlive the test
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def send(port: int, mids: list[str]) -> list[str]:
+    """Posts from concurrent clients; returns the Message-IDs that got a 250."""
+    accepted: list[str] = []
+    lock = threading.Lock()
+
+    def client(share: list[str]) -> None:
+        try:
+            with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
+                for mid in share:
+                    smtp.sendmail(MEMBERS[0], LIST, post(MEMBERS[0], LIST, f"p {mid}",
+                                                         message_id=mid))
+                    with lock:
+                        accepted.append(mid)
+        except (smtplib.SMTPException, OSError):
+            pass  # the daemon was stopped under this client: what got 250 counts
+
+    threads = [threading.Thread(target=client, args=(mids[i::CLIENTS],))
+               for i in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return accepted
+
+
+def copies(sink: Sink) -> collections.Counter[tuple[str, str]]:
+    counter: collections.Counter[tuple[str, str]] = collections.Counter()
+    for rcpt, data in sink.handler.copies():
+        counter[(str(email.message_from_bytes(data)["Message-ID"]), rcpt)] += 1
+    return counter
+
+
+def delivered(sink: Sink, mids: list[str]) -> bool:
+    have = copies(sink)
+    return all(have[(mid, rcpt)] for mid in mids for rcpt in MEMBERS)
+
+
+def queued(store: Store) -> int:
+    with store.read() as conn:
+        return sum(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
+                   for t in (work, outbound))
+
+
+def leased_by(store: Store, pid: int) -> int:
+    with store.read() as conn:
+        return sum(conn.execute(sa.select(sa.func.count()).select_from(t).where(
+            t.c.lease_owner.like(f"%:{pid}:%"))).scalar_one() for t in (work, outbound))
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
+        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.mark.parametrize("store_url", [
+    "sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)], indirect=True)
+def test_processes_deliver_every_post_once_and_stop_on_sigterm(
+        serve: Serve, sink: Sink, store: Store) -> None:
+    serve.start()
+    workers = serve.workers()
+    assert sorted(workers) == list(range(WORKERS))
+    mids = [f"<mp.{i}@example.net>" for i in range(120)]
+    assert sorted(send(serve.port, mids)) == sorted(mids)  # type: ignore[attr-defined]
+    wait_until(lambda: delivered(sink, mids) and queued(store) == 0, timeout=60,
+               what="every post delivered")
+    have = copies(sink)
+    assert set(have) == {(mid, rcpt) for mid in mids for rcpt in MEMBERS}
+    assert max(have.values()) == 1
+    # Worker 0 took the posts in, worker 1 worked on them.
+    log = serve.text()
+    assert f"[{workers[0]}] INFO gateway.intake: accepted" in log
+    assert f"[{workers[1]}] INFO gateway.delivery: delivered" in log
+    assert f"[{workers[0]}] INFO gateway.delivery: delivered" not in log
+
+    # SIGTERM with posts still arriving: everything stops, what got 250 is kept.
+    more = [f"<mp.b{i}@example.net>" for i in range(150)]
+    accepted: list[str] = []
+    sender = threading.Thread(target=lambda: accepted.extend(send(serve.port, more)))  # type: ignore[attr-defined]
+    sender.start()
+    wait_until(lambda: "message_id=<mp.b" in serve.text(), what="the second load under way")
+    time.sleep(0.2)
+    assert serve.terminate() == 0, serve.text()[-3000:]
+    sender.join(60)
+    assert not any(alive(pid) for pid in workers.values())
+    for slot, pid in workers.items():
+        assert f"worker {slot} (pid {pid}) stopped\n" in serve.text()
+    # What was accepted and not yet sent is still queued; a new serve sends it.
+    serve.start()
+    wait_until(lambda: delivered(sink, accepted) and queued(store) == 0, timeout=60,
+               what="the posts accepted before SIGTERM delivered")
+    assert serve.terminate() == 0
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_processes_restart_a_killed_worker_and_finish_its_work(
+        serve: Serve, sink: Sink, store: Store) -> None:
+    serve.start()
+    victim = serve.workers()[1]
+    mids = [f"<mp.k{i}@example.net>" for i in range(150)]
+    accepted: list[str] = []
+    sender = threading.Thread(target=lambda: accepted.extend(send(serve.port, mids)))  # type: ignore[attr-defined]
+    sender.start()
+    # Kill it while it holds leases.
+    wait_until(lambda: leased_by(store, victim) > 0, what="the victim at work")
+    os.kill(victim, signal.SIGKILL)
+    sender.join(60)
+    wait_until(lambda: serve.workers()[1] != victim and "worker 1 (pid" in serve.text()
+               .rsplit(f"worker 1 started (pid {serve.workers()[1]})", 1)[-1],
+               what="the worker restarted and up")
+    assert f"worker 1 (pid {victim}) died (killed by SIGKILL)" in serve.text()
+    assert sorted(accepted) == sorted(mids)  # the other worker kept taking posts
+    wait_until(lambda: delivered(sink, mids) and queued(store) == 0, timeout=60,
+               what="every post delivered, the victim's leased work too")
+    assert leased_by(store, victim) == 0
+    assert serve.terminate() == 0, serve.text()[-3000:]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_processes_exit_non_zero_when_workers_cannot_start(tmp_path: Path,
+                                                           store_url: str) -> None:
+    # An empty store (never `listgate init`): each worker stops at the schema check.
+    config = write_config(tmp_path, store_url=store_url,
+                          listen=[f"smtp://127.0.0.1:{free_port()}"],
+                          sections="[daemon]\nprocesses = 2\n")
+    running = Serve(config).start(wait=False)
+    assert running.proc is not None
+    assert running.proc.wait(60) == 1
+    text = running.text()
+    assert "error: the workers could not start:" in text, text[-3000:]
+    assert "listgate db upgrade" in text
+    assert "died 3 times before it was up" in text
+    assert not any(alive(pid) for pid in running.workers().values())
+
+
+def test_processes_bad_value_is_a_config_error(tmp_path: Path) -> None:
+    config = write_config(tmp_path, sections="[daemon]\nprocesses = 0\n")
+    result = subprocess.run([sys.executable, "-m", "gateway", "--config", str(config), "serve"],
+                            cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "[daemon] processes must be at least 1" in result.stderr
