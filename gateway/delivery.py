@@ -18,7 +18,7 @@ import asyncio
 import logging
 import threading
 from collections import Counter, OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import sqlalchemy as sa
@@ -108,6 +108,10 @@ class ContentCache:
         while self._size > self._limit and len(self._items) > 1:
             _id, gone = self._items.popitem(last=False)
             self._size -= len(gone.data) + len(gone.signed or b"")
+
+
+# Personal copies built and pipelined per round (see Delivery._send_each).
+COPIES_AT_ONCE = 10
 
 
 class Delivery:
@@ -259,7 +263,8 @@ class Delivery:
         self.cache.put(job.content_id, signed)
         return signed
 
-    def _copies(self, job: Job, content: Content) -> list[tuple[str, str, bytes]]:
+    def _copies(self, job: Job, content: Content,
+                lines: Sequence[str]) -> list[tuple[str, str, bytes]]:
         """Each member's own copy: their links, their signature, their VERP return path
         (so that a bounce names them, with a tag that only we can write: a bounce to
         it counts). CPU work, done in a worker thread."""
@@ -267,7 +272,7 @@ class Delivery:
         bounces, _, domain = job.envelope_from.partition("@")
         list_name = bounces.removesuffix("-bounces")
         copies = []
-        for line in job.lines:
+        for line in lines:
             address, _sep, member_id = line.partition(" ")
             token = self.link_signer.member_token(job.list_id, int(member_id), address)
             data = self._sign(job, content, personalise(content.data, token))
@@ -280,17 +285,22 @@ class Delivery:
         all on one connection. A failure of a whole transaction is that member's."""
         if self.link_signer is None or job.list_id is None:
             raise TransientDeliveryError(451, "personal links need the web endpoint's key")
-        copies = await asyncio.to_thread(self._copies, job, content)
-        results = await self.transport.send_many(
-            [(envelope_from, [address], data) for address, envelope_from, data in copies])
         refused: dict[str, Reply] = {}
         reply = ""
-        for (address, _envelope_from, _data), result in zip(copies, results, strict=True):
-            if isinstance(result, DeliveryError):
-                refused[address] = Reply(result.code if result.code >= 400 else 451, result.text)
-            else:
-                refused.update(result.refused)
-                reply = result.reply
+        # A few copies at a time: a row holds up to 100 members, and a digest's copy can
+        # be hundreds of KB, so building them all first cost tens of MB per connection.
+        for start in range(0, len(job.lines), COPIES_AT_ONCE):
+            copies = await asyncio.to_thread(self._copies, job, content,
+                                             job.lines[start:start + COPIES_AT_ONCE])
+            results = await self.transport.send_many(
+                [(envelope_from, [address], data) for address, envelope_from, data in copies])
+            for (address, _envelope_from, _data), result in zip(copies, results, strict=True):
+                if isinstance(result, DeliveryError):
+                    refused[address] = Reply(result.code if result.code >= 400 else 451,
+                                             result.text)
+                else:
+                    refused.update(result.refused)
+                    reply = result.reply
         return Outcome(refused, reply)
 
     def _load_content(self, content_id: int) -> Content:
