@@ -216,11 +216,8 @@ class SMTPClient:
         refused_of: dict[int, dict[str, Reply]] = {}
         try:
             for i, (mail_from, recipients, data) in enumerate(items):
-                limit = self.size_limit
-                if limit is not None and len(data) > limit:
-                    results[i] = PermanentDeliveryError(
-                        552, f"message of {len(data)} bytes exceeds the smarthost's SIZE "
-                             f"limit of {limit}")
+                if (too_big := self._too_big(data)) is not None:
+                    results[i] = too_big
                     continue
                 commands = self._envelope(mail_from, recipients, data)
                 self._write(prefix + "".join(c + "\r\n" for c in commands).encode("utf-8"))
@@ -249,6 +246,13 @@ class SMTPClient:
         return [r if r is not None else TransientDeliveryError(421, "not sent")
                 for r in results]
 
+    def _too_big(self, data: bytes) -> PermanentDeliveryError | None:
+        limit = self.size_limit
+        if limit is not None and len(data) > limit:
+            return PermanentDeliveryError(552, f"message of {len(data)} bytes exceeds the "
+                                               f"smarthost's SIZE limit of {limit}")
+        return None
+
     def _envelope(self, mail_from: str, recipients: Sequence[str], data: bytes) -> list[str]:
         params = []
         if "SIZE" in self.extensions:
@@ -273,10 +277,8 @@ class SMTPClient:
                             data: bytes) -> Outcome | DeliveryError:
         """One transaction, one command at a time, for servers without PIPELINING."""
         try:
-            limit = self.size_limit
-            if limit is not None and len(data) > limit:
-                return PermanentDeliveryError(552, f"message of {len(data)} bytes exceeds the "
-                                                   f"smarthost's SIZE limit of {limit}")
+            if (too_big := self._too_big(data)) is not None:
+                return too_big
             mail, *rcpts, data_command = self._envelope(mail_from, recipients, data)
             mail_reply = await self._command(mail)
             if not mail_reply.ok:

@@ -13,7 +13,8 @@ import itertools
 import os
 import socket
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Protocol
 
@@ -43,11 +44,14 @@ class SMTPTransport:
     def describe(self) -> str:
         return f"smarthost {self.settings.host}:{self.settings.port}"
 
-    async def send(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Outcome:
+    @asynccontextmanager
+    async def _client(self) -> AsyncIterator[SMTPClient]:
+        """A connection from the pool (or a new one), back in the pool afterwards unless
+        something other than a 5xx went wrong on it."""
         async with self._slots:
             client = self._idle.pop() if self._idle else SMTPClient(self.settings)
             try:
-                outcome = await client.send(mail_from, recipients, data)
+                yield client
             except PermanentDeliveryError:
                 self._keep(client)  # a 5xx ends the transaction, not the connection
                 raise
@@ -55,22 +59,18 @@ class SMTPTransport:
                 await client.close()
                 raise
             self._keep(client)
-            return outcome
+
+    async def send(self, mail_from: str, recipients: Sequence[str], data: bytes) -> Outcome:
+        async with self._client() as client:
+            return await client.send(mail_from, recipients, data)
 
     async def send_many(self, items: Sequence[Envelope]) -> list[Outcome | DeliveryError]:
         """Many transactions on one connection (see SMTPClient.send_many)."""
-        async with self._slots:
-            client = self._idle.pop() if self._idle else SMTPClient(self.settings)
-            try:
-                results = await client.send_many(items)
-            except TransientDeliveryError as exc:  # could not even connect
-                await client.close()
-                return [exc] * len(items)
-            except BaseException:
-                await client.close()
-                raise
-            self._keep(client)
-            return results
+        try:
+            async with self._client() as client:
+                return await client.send_many(items)
+        except TransientDeliveryError as exc:  # could not even connect
+            return [exc] * len(items)
 
     def _keep(self, client: SMTPClient) -> None:
         if client.connected:
