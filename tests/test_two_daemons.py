@@ -45,7 +45,16 @@ from gateway.schema import (
 )
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS
-from tests.support import REPO, GatewayProcess, Sink, free_port, post, wait_until, write_config
+from tests.support import (
+    CORE_POLICY,
+    REPO,
+    GatewayProcess,
+    Sink,
+    free_port,
+    post,
+    wait_until,
+    write_config,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -62,15 +71,7 @@ NEVER_SOON = "0 0 1 1 *"  # the schedule: the test makes it come due, the calend
 RACER = "import sys; from gateway.cli import main; print('ready', flush=True); " \
         "sys.stdin.readline(); main()"
 
-POLICY = """
-[[chain]]
-rule = "loop"
-action = "discard"
-
-[[chain]]
-rule = "non-member"
-action = "reject"
-
+POLICY = CORE_POLICY + """
 [[chain]]
 rule = "first-post"
 action = "hold"
