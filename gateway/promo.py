@@ -29,6 +29,7 @@ parsing is compat32, bounded, and every decoding step is guarded. The only I/O i
 
 from __future__ import annotations
 
+import binascii
 import codecs
 import email.errors
 import email.message
@@ -397,11 +398,36 @@ def _part_text(part: email.message.Message) -> str:
     data = part.get_payload(decode=True)
     if not isinstance(data, bytes):
         return ""
+    if str(part.get(h.CONTENT_TRANSFER_ENCODING, "")).strip().lower() == "base64":
+        data = _base64_then_text(str(part.get_payload()).encode("ascii", "surrogateescape"),
+                                 data)
     undeclared = part.get(h.CONTENT_TRANSFER_ENCODING) is None
     if undeclared and len(_QP_ESCAPE.findall(data, 0, 4096)) >= 8:
         # Quoted-printable sent without saying so: what a mail client would still show.
         data = quopri.decodestring(data)
     return _decode(data[: MAX_PART_CHARS * 2], part.get_content_charset())[:MAX_PART_CHARS]
+
+
+_BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]*=*")
+_BASE64_RUN = re.compile(rb"(?:[A-Za-z0-9+/]+=*[ \t]*\r?\n)+")
+
+
+def _base64_then_text(encoded: bytes, decoded: bytes) -> bytes:
+    """The body of a base64 part as a mail client shows it when a list server appended
+    a plain-text footer to it: the base64 lines decoded, then the rest as it stands.
+    Python decodes the footer's letters as more base64 (or gives up on the whole)."""
+    last = encoded.rstrip().rpartition(b"\n")[2]
+    if _BASE64_LINE.fullmatch(last.strip()) is not None:
+        return decoded  # the usual case: nothing follows the base64
+    run = _BASE64_RUN.match(encoded)
+    if run is None:
+        return decoded
+    lines = b"".join(run.group().split())
+    try:
+        return binascii.a2b_base64(lines[: len(lines) - len(lines) % 4]) + b"\n" \
+            + encoded[run.end():]
+    except binascii.Error:
+        return decoded
 
 
 def _decode(data: bytes, charset: str | None) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from pathlib import Path
@@ -311,6 +312,19 @@ def test_tokens_decode_mime_and_strip_html() -> None:
            b"Content-Transfer-Encoding: quoted-printable\r\n\r\n"
            b"<style>p {color: red}</style><p>Cr=E8me br=FBl=E9e<!-- x --> tonight</p>\r\n")
     assert promo.tokens(raw) == ["subject:café", "crème", "brûlée", "tonight"]
+
+
+
+@pytest.mark.parametrize("footer", [b"", b"\r\n-----\r\nlist footer appended\r\n"])
+def test_tokens_base64_body_with_a_footer_a_list_appended(footer: bytes) -> None:
+    # A list server that appends its footer to a base64 body leaves it undecodable as a
+    # whole; the words are still what a mail client shows.
+    encoded = base64.encodebytes("<p>Günstige Kredite sofort</p>".encode("cp1254"))
+    raw = (b"Subject: Fiyat\r\nContent-Type: text/html; charset=windows-1254\r\n"
+           b"Content-Transfer-Encoding: base64\r\n\r\n" + encoded.replace(b"\n", b"\r\n")
+           + footer)
+    words = ["subject:fiyat", "günstige", "kredite", "sofort"]
+    assert promo.tokens(raw) == words + (["list", "footer", "appended"] if footer else [])
 
 
 # --------------------------------------------------------------------------- model
