@@ -35,6 +35,7 @@ from gateway.schema import (
     BatchState,
     Mode,
     State,
+    contents,
     digest_batches,
     digest_entries,
     members,
@@ -44,6 +45,7 @@ from gateway.schema import (
 from gateway.schema import (
     lists as lists_table,
 )
+from gateway.signing import PLACEHOLDER
 from gateway.store import Store
 from gateway.templates import Templates
 from gateway.worker import Progress
@@ -180,8 +182,7 @@ def preview(conn: Connection, lst: MailingList, fmt: str, templates: Templates, 
     if batch is None or batch.posts == 0:
         return None
     issue = issue_of(conn, lst, batch, now=now)
-    data = digestformats.render(issue, fmt, templates,
-                                link_base=f"{public_url or 'http://localhost'}/l/{lst.id}")
+    data = digestformats.render(issue, fmt, templates, link_base=lst.links_base(public_url))
     return Preview(data, len(issue.posts))
 
 
@@ -258,11 +259,10 @@ class Digest:
                 if not queue.complete(conn, work, row.id, self.claimer):
                     raise LeaseLost(f"work row {row.id}")
             return
-        links = lst.links_base(self.public_url) or (f"{self.public_url}/l/{lst.id}"
-                                                     if self.public_url else None)
-        if links is None:
-            raise ConfigError("digests carry each member's own links: enable [web] listen")
-        contents = self._rendered(row, lst, batch, links)
+        # As for posts: each member's own copy, with their links, where the list has
+        # personal links; else one copy for all, sent to many members at a time.
+        contents, personal = self._rendered(row, lst, batch,
+                                            lst.links_base(self.public_url))
         cursor = row.cursor or 0
         queued = 0
         while True:
@@ -276,13 +276,13 @@ class Digest:
                 by_format: dict[str, list[str]] = {}
                 for m in chunk:
                     by_format.setdefault(FORMAT_OF_MODE[Mode(m.mode)], []).append(
-                        f"{m.address} {m.id}")
+                        f"{m.address} {m.id}" if personal else m.address)
                 for fmt, recipients in by_format.items():
                     outgoing.enqueue(conn, content_id=contents[fmt],
                                      envelope_from=lst.identity.address("bounces"),
                                      recipients=recipients, kind=outgoing.Kind.DIGEST,
                                      list_id=lst.id, message_id=None, now=now, batch=100,
-                                     personalize=True)
+                                     personalize=personal)
                 queued += len(chunk)
                 if len(chunk) < self.chunk:
                     if not queue.complete(conn, work, row.id, self.claimer):
@@ -308,11 +308,17 @@ class Digest:
             progress.woke(Stage.DELIVERY)
 
     def _rendered(self, row: Row[tuple[object, ...]], lst: MailingList,
-                  batch: Row[tuple[object, ...]], links: str) -> dict[str, int]:
-        """The issue's three formats as stored contents, rendered on first need only."""
+                  batch: Row[tuple[object, ...]], links: str | None) -> tuple[dict[str, int],
+                                                                             bool]:
+        """The issue's three formats as stored contents, rendered on first need only, and
+        whether they carry each member's links (as rendered: a batch resumed after the
+        list's setting changed goes out as it was made)."""
         if batch.mime_content_id is not None:
-            return {"mime": batch.mime_content_id, "plain": batch.plain_content_id,
-                    "html": batch.html_content_id}
+            with self.store.read() as conn:
+                data = conn.execute(sa.select(contents.c.data).where(
+                    contents.c.id == batch.plain_content_id)).scalar_one()
+            return ({"mime": batch.mime_content_id, "plain": batch.plain_content_id,
+                     "html": batch.html_content_id}, PLACEHOLDER.encode("ascii") in data)
         now = self.clock.now()
         with self.store.read() as conn:
             issue = issue_of(conn, lst, batch, now=now)
@@ -327,4 +333,4 @@ class Digest:
             if conn.execute(sa.update(work).where(queue.owned(work, row.id, self.claimer))
                             .values(updated_at=now)).rowcount != 1:
                 raise LeaseLost(f"work row {row.id}")
-        return ids
+        return ids, links is not None

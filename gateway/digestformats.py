@@ -69,10 +69,22 @@ class DigestIssue:
 
 @dataclass(frozen=True)
 class Links:
-    """The member's own links, as templates see them (with PLACEHOLDER in them)."""
+    """The member's own links, as templates see them (with PLACEHOLDER in them); or, in
+    a digest that is the same for every member, mailto: links to the list's commands."""
 
-    unsubscribe_url: str  # one-click unsubscribe page for this member
-    regular_url: str  # "switch to per-post delivery" for this member
+    unsubscribe_url: str  # one-click unsubscribe page for this member, or mailto: leave
+    regular_url: str  # "switch to per-post delivery" for this member, or mailto: a command
+    personal: bool = True
+
+    @classmethod
+    def of(cls, lst: ListIdentity, link_base: str | None) -> Links:
+        if link_base is None:
+            return cls(unsubscribe_url=f"mailto:{lst.address('leave')}",
+                       regular_url=f"mailto:{lst.address('request')}?subject=set%20regular",
+                       personal=False)
+        base = _check_link_base(link_base)
+        return cls(unsubscribe_url=f"{base}/u/{PLACEHOLDER}",
+                   regular_url=f"{base}/r/{PLACEHOLDER}")
 
 
 # -- the view of the issue that templates get -------------------------------------
@@ -137,19 +149,21 @@ class Thread:
 # -- public entry points ------------------------------------------------------------
 
 
-def render(issue: DigestIssue, fmt: str, templates: Templates, *, link_base: str) -> bytes:
+def render(issue: DigestIssue, fmt: str, templates: Templates, *,
+           link_base: str | None) -> bytes:
     """The digest message for ``issue`` in ``fmt`` ("mime", "plain" or "html").
 
     Links are ``{link_base}/u/PLACEHOLDER`` (unsubscribe) and ``{link_base}/r/PLACEHOLDER``
-    (switch to per-post delivery). The result has CRLF line endings throughout.
+    (switch to per-post delivery); without ``link_base``, the digest is the same for every
+    member and its links are mailto: ones (the list's leave address and a "set regular"
+    command). The result has CRLF line endings throughout.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown digest format {fmt!r}; expected one of {FORMATS}")
     if not issue.posts:
         raise ValueError("a digest issue needs at least one post")
-    base = _check_link_base(link_base)
     lst = issue.mailing_list
-    links = Links(unsubscribe_url=f"{base}/u/{PLACEHOLDER}", regular_url=f"{base}/r/{PLACEHOLDER}")
+    links = Links.of(lst, link_base)
     ordered = sorted(issue.posts, key=lambda p: p.received_at)
     # The MIME digest encloses the posts themselves: its contents need only their headers.
     readings = [_read(post, i, lst, bodies=fmt != "mime") for i, post in enumerate(ordered, 1)]
@@ -825,6 +839,9 @@ def _head_fields(issue: DigestIssue, fmt: str, subject: str, links: Links) -> li
         (h.MESSAGE_ID, message_id),
         (h.MIME_VERSION, "1.0"),
     ]
+    if not links.personal:
+        fields += [*list_fields(lst), (h.PRECEDENCE, "list"), (h.X_LOOP, lst.post_address)]
+        return [make_field(n, v).raw for n, v in fields]
     fields += [(n, v) for n, v in list_fields(lst) if n != h.LIST_UNSUBSCRIBE]
     raw = [make_field(n, v).raw for n, v in fields]
     # Folded between the two URIs by hand: the HTTPS one (RFC 8058) must stay in one

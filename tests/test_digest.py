@@ -141,6 +141,35 @@ def test_digest_and_post_links_are_personal_and_verify(digest_list: Path, sink: 
     assert len(seen) == 4  # one regular, three digest members: each their own link
 
 
+def test_digest_of_a_list_without_personal_links_is_one_copy_for_many(
+        digest_list: Path, sink: Sink, store: Store) -> None:
+    # As posts are, with personalisation off: the same bytes for every member of a
+    # format, many members to a transaction, links to the list's own addresses.
+    with store.write() as conn:
+        lst = lists.get(conn, LIST)
+        for i in range(5):
+            lists.add_member(conn, lst, f"plain{i}@example.org", now=0.0,
+                             mode=Mode.DIGEST_PLAIN)
+        conn.execute(sa.update(lists_table).where(lists_table.c.id == lst.id)
+                     .values(personalize=False))
+    with gateway(digest_list) as gw:
+        gw.send(REGULAR, LIST, thread()[0])
+        sink.wait_for(1)
+        cli(digest_list, "digest", "send", LIST)
+        sink.wait_for(9)  # one post, eight digest members
+    plain = [m for m in sink.handler.messages if BY_MODE[Mode.DIGEST_PLAIN] in m.rcpt_tos]
+    assert len(plain) == 1 and len(plain[0].rcpt_tos) == 6 and \
+        plain[0].mail_from == "discuss-bounces@example.org"
+    for m in sink.handler.messages:
+        assert PLACEHOLDER.encode() not in m.data and b"/u/" not in m.data
+    msg = email.message_from_bytes(plain[0].data, policy=email.policy.default)
+    assert msg["List-Unsubscribe"] == "<mailto:discuss-leave@example.org>"
+    assert msg["List-Unsubscribe-Post"] is None  # RFC 8058 one-click needs an HTTPS URI
+    text = msg.get_content().replace("\r\n", "\n")
+    assert "To unsubscribe, send an email to:\ndiscuss-leave@example.org" in text
+    assert 'send "set regular" to:\ndiscuss-request@example.org' in text
+
+
 def test_digest_a_posters_own_placeholder_is_defanged(digest_list: Path, sink: Sink) -> None:
     sneaky = post(REGULAR, LIST, "Look", f"<img src='https://evil.example/{PLACEHOLDER}'>\n")
     with gateway(digest_list) as gw:

@@ -447,6 +447,23 @@ def test_render_sets_list_headers(fmt: str, corpus: Path, templates: Templates) 
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
+def test_render_without_personal_links_points_to_the_lists_addresses(
+        fmt: str, corpus: Path, templates: Templates) -> None:
+    data = render(issue_of(ham(corpus, *HAM[:3])), fmt, templates, link_base=None)
+    assert PLACEHOLDER.encode() not in data and b"/u/" not in data
+    msg = parse(data)
+    assert msg["List-Unsubscribe"] == "<mailto:discuss-leave@example.org>"
+    assert msg["List-Unsubscribe-Post"] is None  # RFC 8058: only with an HTTPS URI
+    assert msg["Precedence"] == "list" and msg["X-Loop"] == "discuss@example.org"
+    shown = "".join(text_of(p) for p in msg.walk()
+                    if p.get_content_maintype() == "text" and not p.is_multipart())
+    if fmt == "html":
+        assert 'href="mailto:discuss-request@example.org?subject=set%20regular"' in shown
+        assert 'href="mailto:discuss-leave@example.org"' in shown
+    assert "discuss-leave@example.org" in shown and "one click" not in shown.lower()
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_render_encodes_a_non_ascii_list_name(fmt: str, templates: Templates) -> None:
     lst = ListIdentity(name="cafe", domain="example.org", display_name="Café Crème",
                        subject_prefix="[café]", archive_url=None)
