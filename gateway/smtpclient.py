@@ -71,10 +71,14 @@ MAX_LINE = 998  # RFC 5321 4.5.3.1.6, not counting CRLF
 def dot_stuff(data: bytes) -> bytes:
     """The DATA payload: CRLF line endings, no line over 998 octets, leading dots
     doubled, ending in CRLF.CRLF. Linear in the size of the message."""
-    data = re.sub(rb"\r?\n", b"\r\n", data)
-    lines = data.split(b"\r\n")
-    if any(len(line) > MAX_LINE for line in lines):
-        data = b"\r\n".join(_break(line) for line in lines)
+    lines = data.split(b"\n")
+    crlf = data.count(b"\r\n")
+    if not crlf == len(lines) - 1 == data.count(b"\r"):
+        # Bare LFs (or CRs) to mend: the usual case, CRLF throughout, skips the substitution.
+        data = re.sub(rb"\r?\n", b"\r\n", data)
+        lines = data.split(b"\n")
+    if max(map(len, lines)) > MAX_LINE + 1 or len(lines[-1]) > MAX_LINE:  # (+ CR)
+        data = b"\r\n".join(_break(line) for line in data.split(b"\r\n"))
     if not data.endswith(b"\r\n"):
         data += b"\r\n"
     if data.startswith(b"."):
