@@ -78,19 +78,33 @@ class Moderation:
                                where=[work.c.stage == self.stage.value])
         progress = progress or Progress()
         progress.worked += len(rows)
+        decided: list[tuple[Item, Decision | None]] = []
+        failed: list[tuple[int, Exception]] = []
         for row in rows:
             try:
                 item = self._load(row)
-                decision = decide(item.chain, item.post) if item.chain and item.post else None
-                with self.store.write() as conn:
-                    self._apply(conn, item, decision, progress)
-            except LeaseLost:
-                log.warning("lease lost on work row %s; another worker has it", row.id)
+                decided.append((item, decide(item.chain, item.post)
+                                if item.chain and item.post else None))
             except Exception as exc:  # one bad row must not stop the others
                 log.exception("moderation of work row %s failed", row.id)
-                with self.store.write() as conn:
-                    queue.fail(conn, work, row.id, self.claimer, now=self.clock.now(),
-                               error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
+                failed.append((row.id, exc))
+        # The outcomes of the batch in one transaction (a group commit), each in its
+        # own savepoint: a row that fails leaves the others' outcomes standing.
+        with self.store.write() as conn:
+            for item, decision in decided:
+                try:
+                    with conn.begin_nested():
+                        self._apply(conn, item, decision, progress)
+                except LeaseLost:
+                    log.warning("lease lost on work row %s; another worker has it",
+                                item.work_id)
+                except Exception as exc:
+                    log.exception("moderation of work row %s failed", item.work_id)
+                    failed.append((item.work_id, exc))
+            for work_id, error in failed:
+                queue.fail(conn, work, work_id, self.claimer, now=self.clock.now(),
+                           error=f"{type(error).__name__}: {error}",
+                           retry_delay=self.retry_delay)
         return progress
 
     # -- gathering facts ---------------------------------------------------------------
