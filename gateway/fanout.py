@@ -10,9 +10,10 @@ however large the list.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import sqlalchemy as sa
-from sqlalchemy.engine import Row
+from sqlalchemy.engine import Connection, Row
 
 from gateway import authentication, digest, dmarc, journal, lists, outgoing, queue
 from gateway.clock import Clock
@@ -73,6 +74,9 @@ class Fanout:
     def _fan_out(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
         with self.store.read() as conn:
             lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
+            message_id_header = None if lst is None or row.content_id is None else \
+                conn.execute(sa.select(messages.c.message_id).where(
+                    messages.c.id == row.message_id)).scalar_one_or_none()
         if lst is None:
             with self.store.write() as conn:
                 if not queue.complete(conn, work, row.id, self.claimer):
@@ -81,15 +85,20 @@ class Fanout:
                                message_id=row.message_id, list_id=None,
                                detail="the list was deleted before the post went out")
             return
-        content_id = row.content_id or self._store_content(row, lst, progress)
-        with self.store.read() as conn:
-            message_id_header = conn.execute(sa.select(messages.c.message_id).where(
-                messages.c.id == row.message_id)).scalar_one_or_none()
+        # The copy is built outside the write lock, and stored in the transaction that
+        # queues the first chunk (for most lists, the only one).
+        copy = None if row.content_id is not None else self._copy(row, lst)
+        if copy is not None:
+            message_id_header = copy.message_id_header
+        content_id: int | None = row.content_id
         cursor = row.cursor or 0
         queued = 0
         while True:
             now = self.clock.now()
             with self.store.write() as conn:
+                if content_id is None:
+                    assert copy is not None
+                    content_id = self._store(conn, copy, lst, now, progress)
                 chunk = conn.execute(
                     sa.select(members.c.id, members.c.address)
                     .where(members.c.list_id == lst.id, members.c.mode == Mode.REGULAR.value,
@@ -118,14 +127,16 @@ class Fanout:
                 cursor = chunk[-1].id
                 moved = conn.execute(
                     sa.update(work).where(queue.owned(work, row.id, self.claimer))
-                    .values(cursor=cursor, lease_until=now + self.claimer.lease, updated_at=now)
+                    .values(cursor=cursor, content_id=content_id,
+                            lease_until=now + self.claimer.lease, updated_at=now)
                 ).rowcount
                 if moved != 1:
                     raise LeaseLost(f"work row {row.id}")
             progress.woke(Stage.DELIVERY)
 
-    def _store_content(self, row: Row[tuple[object, ...]], lst: MailingList,
-                       progress: Progress) -> int:
+    def _copy(self, row: Row[tuple[object, ...]], lst: MailingList) -> _Copy:
+        """The members' copy of the post (with the member placeholder where its links are
+        personal). CPU work only: nothing is written."""
         with self.store.read() as conn:
             msg = conn.execute(sa.select(messages).where(messages.c.id == row.message_id)).one()
         links = lst.links_base(self.public_url)
@@ -152,22 +163,28 @@ class Fanout:
         # wrapped post is a new message from the list, with no chain of its own.
         arc_results = authentication.results_to_json(auth) \
             if self.arc and not (mitigate and mitigation is dmarc.Mitigation.WRAP) else None
-        now = self.clock.now()
-        with self.store.write() as conn:
-            content_id = outgoing.add_content(conn, data, now=now, auth=arc_results)
-            if mitigate:
-                journal.record(conn, now=now, stage=self.stage, event="dmarc-mitigated",
-                               message_id=msg.id, list_id=lst.id,
-                               detail=f"{auth.from_domain} publishes p={auth.dmarc_policy} "
-                                      f"(dmarc={auth.dmarc}): {mitigation.value}")
-            # In the transaction that marks this post's content made: it joins the
-            # digest batch exactly once, however often this fanout is retried.
-            if digest.add_post(conn, lst, message_id=msg.id, size=msg.size, now=now):
-                progress.woke(Stage.DIGEST)
-            moved = conn.execute(
-                sa.update(work).where(queue.owned(work, row.id, self.claimer))
-                .values(content_id=content_id, updated_at=now)
-            ).rowcount
-            if moved != 1:
-                raise LeaseLost(f"work row {row.id}")
+        mitigated = (f"{auth.from_domain} publishes p={auth.dmarc_policy} "
+                     f"(dmarc={auth.dmarc}): {mitigation.value}") if mitigate else None
+        return _Copy(data, arc_results, mitigated, msg.id, msg.size, msg.message_id)
+
+    def _store(self, conn: Connection, copy: _Copy, lst: MailingList, now: float,
+               progress: Progress) -> int:
+        content_id = outgoing.add_content(conn, copy.data, now=now, auth=copy.arc_results)
+        if copy.mitigated is not None:
+            journal.record(conn, now=now, stage=self.stage, event="dmarc-mitigated",
+                           message_id=copy.message_id, list_id=lst.id, detail=copy.mitigated)
+        # In the transaction that marks this post's content made: it joins the digest
+        # batch exactly once, however often this fanout is retried.
+        if digest.add_post(conn, lst, message_id=copy.message_id, size=copy.size, now=now):
+            progress.woke(Stage.DIGEST)
         return content_id
+
+
+@dataclass(frozen=True)
+class _Copy:
+    data: bytes
+    arc_results: str | None
+    mitigated: str | None  # what the DMARC mitigation did, for the journal
+    message_id: int
+    size: int
+    message_id_header: str | None
