@@ -11,16 +11,18 @@ from __future__ import annotations
 import email
 import email.policy
 import re
+import shutil
 import threading
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from gateway import lists
+from gateway import lists, resources
 from gateway.authentication import Resolver, Signer
 from gateway.clock import ManualClock
 from gateway.schema import RoleName, held, journal
+from gateway.schema import work as work_table
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS, NEWBIE, Keys, discussion_list
 from tests.support import RunningGateway, Sink, gateway, post, wait_until, write_config
@@ -340,3 +342,32 @@ def test_moderation_trusted_front_mta_results_release_when_the_policy_says_so(
         wait_until(lambda: bool(events(store, "confirm-refused")), what="untrusted refused")
         gw.send(MODERATOR, confirm, reply(MODERATOR, confirm, "approve\n", headers=ar))
         wait_until(lambda: held_states(store) == ["approved"], what="trusted release")
+
+
+def test_moderation_a_row_that_fails_leaves_the_rest_of_its_batch_standing(
+        moderated: Path, sink: Sink, store: Store, tmp_path: Path) -> None:
+    # One transaction, two lists: alice's post is accepted on discuss@ and held on
+    # other@ (she is not a member there), and both rows are claimed together. The hold
+    # cannot be made (its notice template breaks when rendered): that row is failed for
+    # a retry, with the error, and the accepted post goes out all the same.
+    templates = tmp_path / "templates"
+    shutil.copytree(resources.templates_dir(), templates)
+    (templates / "notices" / "held-moderator.txt.j2").write_text(
+        "{{ no_such_field }}\n", encoding="utf-8")
+    with moderated.open("a", encoding="utf-8") as f:
+        f.write(f'\n[paths]\ntemplates = "{templates}"\n')
+    alice = MEMBERS[0]
+    with gateway(moderated) as gw:
+        gw.send(alice, [LIST, OTHER_LIST], post(alice, LIST, "Both lists", "Hello.\n"))
+        wait_for_mail(sink, MEMBERS[1])
+        wait_until(lambda: failed_rows(store) != [], what="the hold's row failed")
+    (row,) = failed_rows(store)
+    assert row.state == "ready" and row.attempts == 1, row
+    assert "'no_such_field' is undefined" in row.last_error
+    assert held_states(store) == []  # nothing half-made: no hold without its notice
+
+
+def failed_rows(store: Store) -> list[sa.Row[tuple[object, ...]]]:
+    with store.read() as conn:
+        return list(conn.execute(sa.select(work_table).where(
+            work_table.c.stage == "moderation", work_table.c.last_error.is_not(None))))
