@@ -103,7 +103,15 @@ def open_batch(conn: Connection, lst: MailingList, *, now: float) -> Row[tuple[o
 
 def add_post(conn: Connection, lst: MailingList, *, message_id: int, size: int,
              now: float) -> bool:
-    """Add an accepted post to the list's open batch; True if that closed the batch."""
+    """Add an accepted post to the list's open batch; True if that closed the batch.
+
+    Not while the list has no digest members: nobody would get the issue, and a member
+    who switches to digests later had these posts one by one already.
+    """
+    if conn.execute(sa.select(members.c.id).where(
+            members.c.list_id == lst.id, members.c.mode.in_(DIGEST_MODES),
+            members.c.enabled.is_(True)).limit(1)).first() is None:
+        return False
     batch = open_batch(conn, lst, now=now)
     try:
         with conn.begin_nested():

@@ -277,6 +277,11 @@ def update(conn: Connection, lst: MailingList, **changes: object) -> None:
     conn.execute(sa.update(lists).where(lists.c.id == lst.id).values(**changes))
 
 
+def roles_of(conn: Connection, list_id: int, address: str) -> frozenset[RoleName]:
+    return frozenset(RoleName(r) for r in conn.execute(sa.select(roles.c.role).where(
+        roles.c.list_id == list_id, roles.c.address == address)).scalars())
+
+
 def has_role(conn: Connection, list_id: int, address: str, *roles_: RoleName) -> bool:
     return conn.execute(sa.select(sa.func.count()).select_from(roles).where(
         roles.c.list_id == list_id, roles.c.address == address,

@@ -146,10 +146,11 @@ class Moderation:
         member = lists.find_member(conn, lst.id, candidates)
         author = facts.author or (member.address if member else "")
         standing = lists.standing(conn, lst.id, author)
+        roles = lists.roles_of(conn, lst.id, author)
         return SenderFacts(
             member=member,
-            is_moderator=lists.has_role(conn, lst.id, author, RoleName.MODERATOR),
-            is_owner=lists.has_role(conn, lst.id, author, RoleName.OWNER),
+            is_moderator=RoleName.MODERATOR in roles,
+            is_owner=RoleName.OWNER in roles,
             trusted=standing.trusted,
             banned=standing.banned,
             approved=standing.approved,

@@ -170,6 +170,25 @@ def test_digest_of_a_list_without_personal_links_is_one_copy_for_many(
     assert 'send "set regular" to:\ndiscuss-request@example.org' in text
 
 
+def test_digest_batch_is_kept_only_while_the_list_has_digest_members(
+        digest_list: Path, sink: Sink, store: Store) -> None:
+    with store.write() as conn:
+        lst = lists.get(conn, LIST)
+        for address in BY_MODE.values():
+            lists.set_mode(conn, lst, address, Mode.REGULAR)
+    with gateway(digest_list) as gw:
+        gw.send(REGULAR, LIST, thread()[0])
+        sink.wait_for(5)  # all five get it as it is sent
+        assert batches(store) == []  # and no issue is gathered for nobody
+        with store.write() as conn:
+            lists.set_mode(conn, lists.get(conn, LIST), BY_MODE[Mode.DIGEST_MIME],
+                           Mode.DIGEST_MIME)
+        gw.send(REGULAR, LIST, thread()[1])
+        wait_until(lambda: batches(store) == [("open", 1)], what="the second post batched")
+        sink.wait_for(9)
+    assert len(to(sink, BY_MODE[Mode.DIGEST_MIME])) == 1
+
+
 def test_digest_a_posters_own_placeholder_is_defanged(digest_list: Path, sink: Sink) -> None:
     sneaky = post(REGULAR, LIST, "Look", f"<img src='https://evil.example/{PLACEHOLDER}'>\n")
     with gateway(digest_list) as gw:
