@@ -331,18 +331,21 @@ class Delivery:
     def _record(self, batch: Iterable[Result]) -> None:
         tally: Counter[str] = Counter()
         with self._row_writes, self.store.write() as conn:
-            finished: set[int] = set()
-            for result in batch:
-                if self._record_one(conn, result, tally):
-                    finished.add(result.job.content_id)
+            done = [r.job for r in batch if self._record_one(conn, r, tally)]
+            deleted = queue.complete_many(conn, outbound, (job.id for job in done),
+                                          self.claimer)
+            for job in done:
+                if job.id not in deleted:
+                    log.warning("outbound row %s: lease lost before its outcome was "
+                                "recorded; another worker may send it again", job.id)
             # Once per content, not per row: a post's rows finish together.
-            for content_id in finished:
+            for content_id in {job.content_id for job in done if job.id in deleted}:
                 outgoing.drop_unused_content(conn, content_id)
         self.tally.update(tally)  # counted once the outcomes are on disk
 
     def _record_one(self, conn: Connection, r: Result, tally: Counter[str]) -> bool:
         """Record one outcome, counting recipients by outcome in ``tally``; True if the
-        row is finished (deleted)."""
+        row is finished (for the caller to delete)."""
         job, now = r.job, self.clock.now()
         where = f"outbound={job.id} kind={job.kind} list_id={job.list_id} queue_id={job.message_id}"
         first_try = job.first_try_at or r.started_at
@@ -355,7 +358,7 @@ class Delivery:
             self._failures(conn, job, {rcpt: reply for rcpt in job.recipients}, now)
             log.warning("failed %s rcpts=%d: %s", where, len(job.recipients), r.error)
             tally["failed"] += len(job.recipients)
-            return self._finish(conn, job)
+            return True
         if r.error is not None:
             if now - first_try >= self.config.lifetime:
                 reply = Reply(r.error.code, f"gave up after {self.config.lifetime:.0f}s: "
@@ -363,7 +366,7 @@ class Delivery:
                 self._failures(conn, job, {rcpt: reply for rcpt in job.recipients}, now)
                 log.warning("expired %s rcpts=%d: %s", where, len(job.recipients), r.error)
                 tally["failed"] += len(job.recipients)
-                return self._finish(conn, job)
+                return True
             due = now + self._backoff(job.tries)
             queue.release(conn, outbound, job.id, self.claimer, now=now, due_at=due,
                           note=str(r.error), tries=job.tries + 1, first_try_at=first_try)
@@ -397,13 +400,6 @@ class Delivery:
         first_line = r.outcome.reply.splitlines()[0] if r.outcome.reply else ""
         log.info("delivered %s rcpts=%d failed=%d: %s", where, delivered,
                  len(permanent) + len(later), first_line)
-        return self._finish(conn, job)
-
-    def _finish(self, conn: Connection, job: Job) -> bool:
-        if not queue.complete(conn, outbound, job.id, self.claimer):
-            log.warning("outbound row %s: lease lost before its outcome was recorded; "
-                        "another worker may send it again", job.id)
-            return False
         return True
 
     def _failures(self, conn: Connection, job: Job, refused: dict[str, Reply], now: float) -> None:

@@ -66,6 +66,11 @@ class Received:
     data: bytes
 
 
+def _opened(event: threading.Event) -> threading.Event:
+    event.set()
+    return event
+
+
 @dataclass
 class SinkHandler:
     """Records what it accepts; replies can be scripted per recipient or per transaction."""
@@ -75,6 +80,8 @@ class SinkHandler:
     data_reply: str | None = None
     mail_reply: str | None = None
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # Cleared, the reply to DATA waits until it is set again (a transaction in flight).
+    data_gate: threading.Event = field(default_factory=lambda: _opened(threading.Event()))
 
     async def handle_EHLO(self, server: SMTP, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
@@ -100,6 +107,8 @@ class SinkHandler:
         return "250 OK"
 
     async def handle_DATA(self, server: SMTP, session: Any, envelope: Any) -> str:
+        if not self.data_gate.is_set():
+            await asyncio.to_thread(self.data_gate.wait, 30.0)
         if self.data_reply:
             return self.data_reply
         with self.lock:

@@ -233,3 +233,24 @@ def test_delivery_keeps_claiming_while_outcomes_free_room(config_path: Path, sin
         queue_empty(store)
     assert Counter(r for r, _d in copies) == Counter(MEMBERS + extra)
     assert len(sink.handler.messages) == 20  # five times what the feeder holds at once
+
+
+def test_delivery_outcome_of_a_row_whose_lease_was_lost_leaves_it_to_its_owner(
+        config_path: Path, sink: Sink, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    # While the copy is in flight, another worker takes the row over (as after a lease
+    # expired): the outcome must not delete the row from under it.
+    sink.handler.data_gate.clear()
+    with gateway(config_path) as gw:
+        gw.send(ALICE, LIST, post(ALICE, LIST, "Hello", "Hi.\n"))
+        wait_until(lambda: [r.state for r in outbound_rows(store)] == [State.CLAIMED.value],
+                   what="the copy in flight")
+        with store.write() as conn:
+            conn.execute(sa.update(outbound).values(lease_owner="elsewhere:1:1"))
+        sink.handler.data_gate.set()
+        sink.wait_for(3)
+        wait_until(lambda: "lease lost before its outcome was recorded" in caplog.text,
+                   what="the lost lease noticed")
+    (row,) = outbound_rows(store)
+    assert row.lease_owner == "elsewhere:1:1" and row.state == State.CLAIMED.value
+    with store.read() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(contents)).scalar_one() == 1
