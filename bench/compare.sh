@@ -98,7 +98,7 @@ lg_workloads="$workloads"
 version="$("$(dirname "$LISTGATE_BIN")/python" -c \
     'import importlib.metadata as m; print(m.version("listgate"))' 2>/dev/null || echo unknown)"
 commit="$(git -C "$HERE" rev-parse --short HEAD 2>/dev/null || true)"
-lg_label="listgate-$version${commit:++$commit}-$proto${LISTGATE_BENCH_PERSONALIZE:+-personalize-$LISTGATE_BENCH_PERSONALIZE}"
+lg_label="listgate-$version${commit:++$commit}-$proto${LISTGATE_BENCH_PERSONALIZE:+-personalize-$LISTGATE_BENCH_PERSONALIZE}${LISTGATE_DAEMON_PROCESSES:+-processes-$LISTGATE_DAEMON_PROCESSES}"
 mm_label="mailman-3.3.10${MM_SLEEP_TIME:+-sleep$MM_SLEEP_TIME}"
 
 stamp="$(date +%Y%m%d-%H%M%S)"
@@ -109,6 +109,7 @@ say "results -> $out"
     echo "# $(date -Is) $(uname -srm), $(nproc) CPUs; load $(cut -d' ' -f1-3 /proc/loadavg)"
     echo "# bench/compare.sh $args"
     echo "# members=$members posts=$posts repeats=$repeats workloads=$workloads proto=$proto"
+    env | grep -E '^(LISTGATE_|MM_)' | sort | sed 's/^/# env /' || true
 } > "$out/run.txt"
 
 failed=0
