@@ -125,7 +125,7 @@ class IntakeWriter:
     def _commit(self, arrivals: list[Arrival]) -> list[int]:
         now = self.clock.now()
         ids = []
-        with self.store.write() as conn:
+        with self.store.write(first=True) as conn:
             for a in arrivals:
                 qid = int(conn.execute(messages.insert().values(
                     received_at=a.received_at, mail_from=a.mail_from,

@@ -42,6 +42,34 @@ def normalise_url(url: str) -> str:
     return url
 
 
+class _Turn:
+    """A lock whose ``first`` takers go before the others waiting for it."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._held = False
+        self._first_waiting = 0
+
+    def acquire(self, *, first: bool, timeout: float) -> bool:
+        with self._cv:
+            if first:
+                self._first_waiting += 1
+            try:
+                if not self._cv.wait_for(
+                        lambda: not self._held and (first or not self._first_waiting), timeout):
+                    return False
+            finally:
+                if first:
+                    self._first_waiting -= 1
+            self._held = True
+            return True
+
+    def release(self) -> None:
+        with self._cv:
+            self._held = False
+            self._cv.notify_all()
+
+
 class Store:
     """A database with transactions that either commit durably or raise StoreError."""
 
@@ -62,7 +90,7 @@ class Store:
         # clients wait for the commit) holds it while it waits for the lock, and the
         # other writers pass it before they wait; so a stage that has just committed
         # cannot take the lock straight back while intake is waiting for it.
-        self._write_turn = threading.Lock() if self.is_sqlite else None
+        self._write_turn = _Turn() if self.is_sqlite else None
         self._writes_first = writes_first
         self._write_lock_fd = self._write_gate_fd = None
         if self.is_sqlite:
@@ -74,19 +102,22 @@ class Store:
         return self.engine.dialect.name == "sqlite"
 
     @contextmanager
-    def write(self) -> Iterator[Connection]:
-        """A write transaction: committed (and fsync'd) when the block ends without error."""
-        with self._turn(), self._translate():
+    def write(self, *, first: bool = False) -> Iterator[Connection]:
+        """A write transaction: committed (and fsync'd) when the block ends without error.
+
+        ``first``: a writer someone waits for (intake, whose client waits for the 250):
+        on SQLite it goes before the other writers of this process that are waiting."""
+        with self._turn(first), self._translate():
             with self.engine.connect().execution_options(listgate_write=True) as conn:
                 with conn.begin():
                     yield conn
 
     @contextmanager
-    def _turn(self) -> Iterator[None]:
+    def _turn(self, first: bool = False) -> Iterator[None]:
         if self._write_turn is None:
             yield
             return
-        if not self._write_turn.acquire(timeout=SQLITE_BUSY_TIMEOUT):
+        if not self._write_turn.acquire(first=first, timeout=SQLITE_BUSY_TIMEOUT):
             raise StoreUnavailable("database is locked: another write in this process took "
                                    f"longer than {SQLITE_BUSY_TIMEOUT}s")
         try:

@@ -630,3 +630,35 @@ def test_store_sqlite_writes_first_store_goes_before_waiting_writers(store: Stor
     finally:
         intake.dispose()
     assert order == [b"intake", b"stage"]
+
+
+def test_store_sqlite_a_first_writer_goes_before_those_already_waiting(store: Store) -> None:
+    # Intake's commit (a client waits for its 250) overtakes the stages queued before it.
+    if not store.is_sqlite:
+        pytest.skip("PostgreSQL has row locks, not one writer at a time")
+    holding, release = threading.Event(), threading.Event()
+    order: list[str] = []
+
+    def write(name: str, *, first: bool = False, hold: bool = False) -> None:
+        with store.write(first=first) as conn:
+            conn.execute(contents.insert().values(created_at=1.0, data=name.encode()))
+            order.append(name)
+            if hold:
+                holding.set()
+                release.wait(10)
+
+    holder = threading.Thread(target=write, args=("holder",), kwargs={"hold": True})
+    holder.start()
+    assert holding.wait(10)
+    stages = [threading.Thread(target=write, args=(f"stage{i}",)) for i in range(3)]
+    for t in stages:
+        t.start()
+    time.sleep(0.2)  # the stages are queued
+    intake = threading.Thread(target=write, args=("intake",), kwargs={"first": True})
+    intake.start()
+    time.sleep(0.2)
+    release.set()
+    for t in [holder, intake, *stages]:
+        t.join(10)
+    assert order[:2] == ["holder", "intake"] and sorted(order[2:]) == ["stage0", "stage1",
+                                                                       "stage2"]
