@@ -107,8 +107,12 @@ def claim(conn: Connection, table: sa.Table, claimer: Claimer, *, now: float, li
 
 def owned(table: sa.Table, row_id: int, claimer: Claimer) -> sa.ColumnElement[bool]:
     """The condition that the row is still ours: our lease was not lost to another."""
-    return sa.and_(table.c.id == row_id, table.c.state == State.CLAIMED.value,
-                   table.c.lease_owner == claimer.owner)
+    return sa.and_(table.c.id == row_id, held_by(table, claimer))
+
+
+def held_by(table: sa.Table, claimer: Claimer) -> sa.ColumnElement[bool]:
+    """The condition that a row is claimed under ``claimer``'s lease."""
+    return sa.and_(table.c.state == State.CLAIMED.value, table.c.lease_owner == claimer.owner)
 
 
 def complete(conn: Connection, table: sa.Table, row_id: int, claimer: Claimer) -> bool:
@@ -123,10 +127,8 @@ def complete_many(conn: Connection, table: sa.Table, row_ids: Iterable[int],
     ids = list(row_ids)
     if not ids:
         return set()
-    c = table.c
     return set(conn.execute(sa.delete(table).where(
-        c.id.in_(ids), c.state == State.CLAIMED.value, c.lease_owner == claimer.owner)
-        .returning(c.id)).scalars())
+        table.c.id.in_(ids), held_by(table, claimer)).returning(table.c.id)).scalars())
 
 
 def renew(conn: Connection, table: sa.Table, ids: Iterable[int], claimer: Claimer, *,
@@ -136,8 +138,7 @@ def renew(conn: Connection, table: sa.Table, ids: Iterable[int], claimer: Claime
         return 0
     return conn.execute(
         sa.update(table)
-        .where(table.c.id.in_(ids), table.c.state == State.CLAIMED.value,
-               table.c.lease_owner == claimer.owner)
+        .where(table.c.id.in_(ids), held_by(table, claimer))
         .values(lease_until=now + claimer.lease, updated_at=now)
     ).rowcount
 
