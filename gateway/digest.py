@@ -101,6 +101,12 @@ def open_batch(conn: Connection, lst: MailingList, *, now: float) -> Row[tuple[o
     return conn.execute(q.with_for_update()).one()
 
 
+def _readers(lst: MailingList) -> sa.ColumnElement[bool]:
+    """The condition for the list's members who get its digests."""
+    return sa.and_(members.c.list_id == lst.id, members.c.mode.in_(DIGEST_MODES),
+                   members.c.enabled.is_(True))
+
+
 def add_post(conn: Connection, lst: MailingList, *, message_id: int, size: int,
              now: float) -> bool:
     """Add an accepted post to the list's open batch; True if that closed the batch.
@@ -108,9 +114,7 @@ def add_post(conn: Connection, lst: MailingList, *, message_id: int, size: int,
     Not while the list has no digest members: nobody would get the issue, and a member
     who switches to digests later had these posts one by one already.
     """
-    if conn.execute(sa.select(members.c.id).where(
-            members.c.list_id == lst.id, members.c.mode.in_(DIGEST_MODES),
-            members.c.enabled.is_(True)).limit(1)).first() is None:
+    if conn.execute(sa.select(members.c.id).where(_readers(lst)).limit(1)).first() is None:
         return False
     batch = open_batch(conn, lst, now=now)
     try:
@@ -278,8 +282,7 @@ class Digest:
             with self.store.write() as conn:
                 chunk = conn.execute(
                     sa.select(members.c.id, members.c.address, members.c.mode)
-                    .where(members.c.list_id == lst.id, members.c.mode.in_(DIGEST_MODES),
-                           members.c.enabled.is_(True), members.c.id > cursor)
+                    .where(_readers(lst), members.c.id > cursor)
                     .order_by(members.c.id).limit(self.chunk)).all()
                 by_format: dict[str, list[str]] = {}
                 for m in chunk:
