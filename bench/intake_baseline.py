@@ -29,13 +29,14 @@ import argparse
 import json
 import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from benchlib import port_open
 
 HERE = Path(__file__).resolve().parent
 SUT = HERE / "sut-listgate.sh"
@@ -65,13 +66,6 @@ finally:
 def log(msg: str) -> None:
     print(f"intake_baseline: {msg}", file=sys.stderr, flush=True)
 
-
-def port_open(port: int, host: str = "127.0.0.1") -> bool:
-    try:
-        with socket.create_connection((host, port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, secs: float = 30) -> None:

@@ -33,7 +33,6 @@ import json
 import math
 import os
 import smtplib
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from aiosmtpd.controller import Controller
+from benchlib import port_open
 
 HERE = Path(__file__).resolve().parent
 SUT = HERE / "sut-listgate.sh"
@@ -55,13 +55,6 @@ BODY = "Light-load latency probe.\r\n" + ("x" * 70 + "\r\n") * 13  # about 1 KiB
 def log(msg: str) -> None:
     print(f"latency: {msg}", file=sys.stderr, flush=True)
 
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 class ArrivalSink:

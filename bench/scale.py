@@ -48,7 +48,6 @@ import pwd
 import shutil
 import signal
 import smtplib
-import socket
 import subprocess
 import sys
 import tempfile
@@ -56,6 +55,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any
+
+from benchlib import port_open
 
 HERE = Path(__file__).resolve().parent
 SUT = HERE / "sut-listgate.sh"
@@ -72,13 +73,6 @@ STALL_S = 60
 def log(msg: str) -> None:
     print(f"scale: {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
-
-def port_open(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return True
-    except OSError:
-        return False
 
 
 def address(i: int) -> str:
