@@ -69,6 +69,12 @@ class Bound:
     host: str
     port: int
 
+    @classmethod
+    def of(cls, protocol: str, sock: socket.socket) -> Bound:
+        host, port = sock.getsockname()[:2]
+        log.info("listening for %s on %s:%s", protocol.upper(), host, port)
+        return cls(protocol, host, port)
+
 
 @dataclass
 class Daemon:
@@ -168,9 +174,7 @@ class Daemon:
                                                                    sock=sock)))
         for protocol, server in servers:
             for sock in server.sockets:
-                host, port = sock.getsockname()[:2]
-                self.bound.append(Bound(protocol, host, port))
-                log.info("listening for %s on %s:%s", protocol.upper(), host, port)
+                self.bound.append(Bound.of(protocol, sock))
 
         retry = config.queue.retry_delay
         moderation = Moderation(store, clock=self.clock, claimer=claimer, policies=policies,
@@ -424,9 +428,7 @@ class Supervisor:
                                       f"{listener.host}:{listener.port}: {exc.strerror}") from None
                 sock.setblocking(False)
                 self._listeners.append((listener.protocol, sock))
-                host, port = sock.getsockname()[:2]
-                self.bound.append(Bound(listener.protocol, host, port))
-                log.info("listening for %s on %s:%s", listener.protocol.upper(), host, port)
+                self.bound.append(Bound.of(listener.protocol, sock))
 
     def _fork(self, worker: _Worker) -> None:
         worker.restart_at = None
