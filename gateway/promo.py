@@ -832,6 +832,10 @@ _CALL_TO_ACTION = _Phrases(
     r"get (?:started|yours|it) (?:now|today)", r"get your free", r"claim your",
     r"request (?:a|your) free", r"try it (?:free|now|today)", r"add to cart", r"start saving",
     r"see (?:full )?details", r"learn more",
+    # German, Turkish
+    r"jetzt (?:bestellen|kaufen|anmelden|registrieren|testen)", r"hier klicken",
+    r"klicken sie (?:hier|jetzt)", r"bestellen sie (?:jetzt|noch heute)",
+    r"hemen (?:tıklayın|tiklayin|arayın|arayin|üye olun|sipariş verin)",
 )
 _TOLL_FREE = re.compile(r"\(?8(?:00|88|77|66|55|44|33)\)?[-. ]?\d{3}[-. ]\d{4}(?!\d)")
 _PRICE = re.compile(
@@ -847,6 +851,9 @@ _DISCOUNT = _Phrases(
     ("%", r"100\s?% free"), r"absolutely free", r"at no (?:cost|charge)",
     r"no (?:cost|charge) to you",
     r"half price", r"bargains?", r"clearance",
+    # German, Turkish
+    r"kostenlose?[mnrs]?", r"sonderangebote?", r"rabatte?", r"zum (?:halben|vorzugs)preis",
+    r"ücretsiz", r"indirim(?:li)?", r"kampanya(?:sı|si)?",
 )
 _URGENCY = _Phrases(
     r"limited[- ]time", r"act (?:now|today|fast)", r"today only", r"offer (?:expires|ends)",
@@ -858,6 +865,9 @@ _URGENCY = _Phrases(
     r"final notice", r"time is running out", r"ends (?:today|tonight|soon|at midnight)",
     r"once in a lifetime", r"now or never", r"only \d+ (?:left|remaining|spots?|days? left)",
     r"for a limited",
+    # German, Turkish
+    r"nur (?:noch )?heute", r"solange (?:der )?vorrat reicht", r"nur für kurze zeit",
+    r"son (?:fırsat|firsat|gün|gun)", r"kaçırmayın", r"kacirmayin",
 )
 _MONEY = _Phrases(
     r"make (?:big |extra |real )?money", r"earn (?:up to |over |an extra )?[$£€]\s?\d",
@@ -872,6 +882,8 @@ _MONEY = _Phrases(
     r"next of kin", r"wire transfer", r"you won", r"you(?:'ve| have) won", r"lottery", r"casino",
     r"stock (?:pick|alert|tip)s?", *_each("life|health", r" insurance"),
     r"credit (?:rating|score|repair)", r"bad credit", r"get paid",
+    # German, Turkish
+    r"geld verdienen", r"nebenverdienst", r"zusatzeinkommen", r"para kazan(?:ın|in|mak)",
 )
 _OPT_OUT = _Phrases(
     r"to be removed", r"remove (?:me )?(?:from|in) the subject", r"reply with (?:the word )?remove",
@@ -886,6 +898,9 @@ _OPT_OUT = _Phrases(
     *_each("manage|update|change", r" your (?:e-?mail |subscription )?preferences"),
     r"removed? from (?:our|this|the) (?:mailing |e-?mail )?(?:list|database)",
     r"unsubscribe (?:here|link|instructions|at any time)",
+    # German, Turkish
+    r"kein interesse mehr", r"(?:trage|tragen) (?:dich|sie sich) (?:bitte )?(?:hier )?aus",
+    r"newsletter abbestellen", r"listeden (?:çıkmak|cikmak|çıkarılmak|cikarilmak)",
 )
 _NOT_SPAM = _Phrases(
     *_each("this|it", r" is not (?:a )?spam"), r"not (?:an? )?unsolicited", r"sent in compliance",
@@ -894,6 +909,8 @@ _NOT_SPAM = _Phrases(
     r"one time (?:mailing|e-?mail|message|offer)",
     r"you will not receive (?:any )?(?:further|more)", r"under (?:federal )?(?:bill|law) ",
     r"this is a (?:legal|legitimate) (?:offer|business)",
+    # German
+    r"keine werbung", r"dies ist keine spam",
 )
 # Where a phrase with a literal start may match as a whole word: searched for once per
 # message, these find the character before such a place (a character that is not part
@@ -981,15 +998,18 @@ def _detect(mail: _Mail) -> list[Hit]:
     text = text[:MAX_TEXT_CHARS].lower()
     words = len(mail.text[:MAX_TEXT_CHARS].split())
     scanned = _Text(text)
+    cjk = _cjk_phrases(text)
     hits: list[Hit | None] = [
         _phrase_hit("call-to-action", "calls to action", _CALL_TO_ACTION, scanned,
-                    _toll_free(text)),
+                    [*_toll_free(text), *cjk.get("call-to-action", ())]),
         _price(text),
-        _phrase_hit("discount", "offers", _DISCOUNT, scanned),
-        _phrase_hit("urgency", "urgency", _URGENCY, scanned),
-        _phrase_hit("money", "money talk", _MONEY, scanned),
-        _phrase_hit("unsubscribe-footer", "opt-out footer", _OPT_OUT, scanned),
-        _phrase_hit("not-spam-claim", "claims", _NOT_SPAM, scanned),
+        _phrase_hit("discount", "offers", _DISCOUNT, scanned, cjk.get("discount", ())),
+        _phrase_hit("urgency", "urgency", _URGENCY, scanned, cjk.get("urgency", ())),
+        _phrase_hit("money", "money talk", _MONEY, scanned, cjk.get("money", ())),
+        _phrase_hit("unsubscribe-footer", "opt-out footer", _OPT_OUT, scanned,
+                    cjk.get("unsubscribe-footer", ())),
+        _phrase_hit("not-spam-claim", "claims", _NOT_SPAM, scanned,
+                    cjk.get("not-spam-claim", ())),
         *_links(mail, words),
         *_images(mail, words),
         _hidden_text(mail),
@@ -1001,6 +1021,34 @@ def _detect(mail: _Mail) -> list[Hit]:
         _quotes(mail),
     ]
     return [hit for hit in hits if hit is not None]
+
+
+# Japanese and Chinese phrases of the same families. These scripts put no spaces
+# between words, so they are found anywhere, not as whole words: only phrases that
+# mean the same wherever they stand. 未承諾広告 ("unsolicited advertisement") is the
+# label Japanese law requires on the subject of unsolicited advertising mail.
+_CJK_FAMILIES = {
+    "call-to-action": ("今すぐ", "今直ぐ", "お申し込み", "お申込み", "立即訂購", "立即订购",
+                       "立即購買", "立即购买", "點擊這裡", "点击这里"),
+    "discount": ("無料", "免費", "免费", "割引", "特価", "優惠", "优惠", "折扣", "特價", "特价"),
+    "urgency": ("期間限定", "限時", "限时", "先着", "今だけ"),
+    "money": ("副収入", "在宅ワーク", "賺錢", "赚钱", "網路賺", "网络赚"),
+    "unsubscribe-footer": ("配信停止", "配信を停止", "退訂", "取消訂閱", "取消订阅"),
+    "not-spam-claim": ("未承諾広告",),
+}
+_CJK_PHRASE = re.compile("|".join(sorted((p for ps in _CJK_FAMILIES.values() for p in ps),
+                                         key=len, reverse=True)))
+_CJK_FAMILY_OF = {p: family for family, ps in _CJK_FAMILIES.items() for p in ps}
+
+
+def _cjk_phrases(text: str) -> dict[str, list[str]]:
+    """The Japanese and Chinese phrases in ``text``, by family (none without such text)."""
+    found: dict[str, list[str]] = {}
+    if _CJK.search(text) is None:
+        return found
+    for m in _CJK_PHRASE.finditer(text):
+        found.setdefault(_CJK_FAMILY_OF[m.group()], []).append(m.group())
+    return found
 
 
 def _toll_free(text: str) -> list[str]:

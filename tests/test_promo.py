@@ -236,6 +236,15 @@ SIGNAL_CASES = [
                             "the law.\n")),
     ("undisclosed-recipients", mail("Hi.\n", to="undisclosed-recipients:;")),
     ("undisclosed-recipients", mail("Hi.\n", to=None)),
+    ("discount", mail("Kostenloser Zugang für alle, jetzt mit Rabatt!\n", subject="Neu")),
+    ("unsubscribe-footer", mail("Neu im Handel.\n\nKein Interesse mehr? Dann trage dich "
+                                "bitte hier aus.\n", subject="Neu")),
+    ("money", mail("Nebenverdienst gesucht? Geld verdienen von zu Hause.\n")),
+    ("discount", mail("Yeni sezonda ücretsiz kargo ve indirimli fiyatlar.\n")),
+    ("not-spam-claim", mail("出会いの広場\n", subject="未承諾広告※出会いの広場")),
+    ("discount", mail("女性無料、男性にはポイントをプレゼント\n", subject="出会い")),
+    ("unsubscribe-footer", mail("今後この広告がご不要な方は配信停止の旨をお送り下さい\n")),
+    ("call-to-action", mail("限时优惠，立即订购！\n", subject="优惠")),
     ("reply", mail("Yes.\n", headers=REPLY)),
     ("quotes-earlier-post", mail("Bob wrote:\n> one\n> two\n\nAgreed.\n")),
 ]
@@ -248,6 +257,12 @@ def test_signal_fires_on_what_it_names(name: str, raw: bytes) -> None:
     assert name in fired, fired
     assert fired[name].detail
     assert (fired[name].weight > 0) == (name in ADVERT_SIGNALS)
+
+
+def test_signal_cjk_phrases_found_anywhere_only_in_cjk_text() -> None:
+    assert promo._cjk_phrases("未承諾広告※灼熱！女性無料は当たり前、今直ぐアクセス") == {
+        "not-spam-claim": ["未承諾広告"], "discount": ["無料"], "call-to-action": ["今直ぐ"]}
+    assert promo._cjk_phrases("no such text here, free of charge") == {}
 
 
 def test_signal_every_one_has_a_case() -> None:
@@ -265,6 +280,11 @@ NEUTRAL = [
                  id="both-alternatives"),
     pytest.param(mail("Thanks for the report." + MAILMAN_FOOTER), id="mailman-footer"),
     pytest.param(mail("Interesting." + YAHOO_FOOTER), id="yahoo-groups-footer-and-sponsor"),
+    pytest.param(mail("Hallo,\n\nder Kostenvoranschlag kam heute; das Austragen der alten "
+                      "Einträge dauert noch. Jetzt geht der Build wieder.\n"),
+                 id="german-discussion"),
+    pytest.param(mail("这个补丁修复了内核的内存泄漏，请大家测试一下。\n", subject="内核补丁"),
+                 id="chinese-discussion"),
 ]
 
 
@@ -634,6 +654,8 @@ PHRASE_TEXTS = [
     "this is not spam. to be removed from our mailing list reply remove. unsubscribe here",
     "work from home and earn $5,000 per week; lower interest rates, refinance today",
     "no phrase at all in this ordinary sentence about linkers",
+    "kostenloser zugang, sonderangebote; nur heute: jetzt bestellen! trage dich bitte aus",
+    "der kostenvoranschlag, die rabattierung und hemenway: keine treffer als ganze wörter",
 ]
 
 
