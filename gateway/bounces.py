@@ -370,9 +370,8 @@ class Bounces:
 
     def run_once(self, progress: Progress | None = None) -> Progress:
         """Mail to LIST-bounces@ and LIST-bounces+DETAIL@: attribute, score, record."""
-        with self.store.write() as conn:
-            rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
-                               where=[work.c.stage == self.stage.value])
+        rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
+                          limit=self.batch, where=[work.c.stage == self.stage.value])
         progress = progress or Progress()
         progress.worked += len(rows)
         for row in rows:

@@ -98,10 +98,9 @@ class Commands:
         self.batch = batch
 
     def run_once(self, progress: Progress | None = None) -> Progress:
-        with self.store.write() as conn:
-            rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
-                               where=[work.c.stage == self.stage.value,
-                                      work.c.role.in_([r.value for r in self.roles])])
+        rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
+                          limit=self.batch, where=[work.c.stage == self.stage.value,
+                                                   work.c.role.in_([r.value for r in self.roles])])
         progress = progress or Progress()
         progress.worked += len(rows)
         for row in rows:

@@ -200,8 +200,7 @@ class Delivery:
                 w.cancel()
 
     def _claim(self, limit: int) -> list[Job]:
-        with self.store.write() as conn:
-            rows = queue.claim(conn, outbound, self.claimer, now=self.clock.now(), limit=limit)
+        rows = queue.take(self.store, outbound, self.claimer, now=self.clock.now(), limit=limit)
         if not rows:
             return []
         missing = sorted({r.content_id for r in rows if self.cache.get(r.content_id) is None})

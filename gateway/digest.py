@@ -244,9 +244,8 @@ class Digest:
 
     def run_once(self, progress: Progress | None = None) -> Progress:
         progress = progress or Progress()
-        with self.store.write() as conn:
-            rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
-                               where=[work.c.stage == self.stage.value])
+        rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
+                          limit=self.batch, where=[work.c.stage == self.stage.value])
         progress.worked += len(rows)
         for row in rows:
             try:

@@ -54,9 +54,8 @@ class Fanout:
         self.batch = batch
 
     def run_once(self, progress: Progress | None = None) -> Progress:
-        with self.store.write() as conn:
-            rows = queue.claim(conn, work, self.claimer, now=self.clock.now(), limit=self.batch,
-                               where=[work.c.stage == self.stage.value])
+        rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
+                          limit=self.batch, where=[work.c.stage == self.stage.value])
         progress = progress or Progress()
         progress.worked += len(rows)
         for row in rows:

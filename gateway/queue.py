@@ -18,6 +18,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
 
 from gateway.schema import State
+from gateway.store import Store
 
 
 @dataclass(frozen=True)
@@ -78,11 +79,35 @@ def recover_dead_leases(conn: Connection, table: sa.Table, *, now: float) -> int
     return result.rowcount
 
 
+def take(store: Store, table: sa.Table, claimer: Claimer, *, now: float, limit: int,
+         where: Sequence[sa.ColumnElement[bool]] = ()) -> list[Row[tuple[object, ...]]]:
+    """:func:`claim` in a write transaction of its own, opened only when a read finds a
+    row to claim. A stage claims again after every round that found work, and mostly
+    finds none: on SQLite an empty claim would still wait for, and hold, the one writer
+    that intake's commit (a client waiting for its 250) needs."""
+    with store.read() as conn:
+        if conn.execute(sa.select(table.c.id).where(_due(table, now), *where).limit(1)) \
+                .first() is None:
+            return []
+    with store.write() as conn:
+        return claim(conn, table, claimer, now=now, limit=limit, where=where)
+
+
+def _expired(table: sa.Table, now: float) -> sa.ColumnElement[bool]:
+    return sa.and_(table.c.state == State.CLAIMED.value, table.c.lease_until < now)
+
+
+def _due(table: sa.Table, now: float) -> sa.ColumnElement[bool]:
+    """Ready and due, or claimed under a lease that has expired."""
+    c = table.c
+    return sa.or_(sa.and_(c.state == State.READY.value, c.due_at <= now), _expired(table, now))
+
+
 def claim(conn: Connection, table: sa.Table, claimer: Claimer, *, now: float, limit: int,
           where: Sequence[sa.ColumnElement[bool]] = ()) -> list[Row[tuple[object, ...]]]:
     """Claim up to ``limit`` due rows, oldest first; park those that keep dying."""
     c = table.c
-    expired = sa.and_(c.state == State.CLAIMED.value, c.lease_until < now)
+    expired = _expired(table, now)
     conn.execute(
         sa.update(table)
         .where(expired, c.attempts >= claimer.max_attempts, *where)
@@ -91,9 +116,8 @@ def claim(conn: Connection, table: sa.Table, claimer: Claimer, *, now: float, li
                 + f" [parked: its lease expired {claimer.max_attempts} times; "
                   "the process working on it died or hung]")
     )
-    due = sa.or_(sa.and_(c.state == State.READY.value, c.due_at <= now), expired)
     pick = (
-        sa.select(c.id).where(due, *where).order_by(c.due_at, c.id).limit(limit)
+        sa.select(c.id).where(_due(table, now), *where).order_by(c.due_at, c.id).limit(limit)
         .with_for_update(skip_locked=True).scalar_subquery()
     )
     rows = conn.execute(

@@ -305,6 +305,55 @@ def test_store_lease_that_keeps_expiring_is_parked_at_the_next_claim(
     assert claim(store, work, claimer("survivor"), clock.now()) == []
 
 
+def test_store_take_claims_due_rows_and_parks_like_claim(store: Store,
+                                                         clock: ManualClock) -> None:
+    now = clock.now()
+    with store.write() as conn:
+        mod = add_rows(conn, work, 2, due_at=now, stage="moderation")
+        add_rows(conn, work, 1, due_at=now + 3600, stage="fanout")
+        [dying] = add_rows(conn, work, 1, due_at=now, stage="fanout")
+    fanout = [work.c.stage == "fanout"]
+    for attempt in range(1, MAX_ATTEMPTS + 1):
+        got = queue.take(store, work, claimer(f"dies-{attempt}"), now=clock.now(), limit=10,
+                         where=fanout)
+        assert [r.id for r in got] == [dying]
+        clock.advance(LEASE + 1)
+    # Its lease expired again: the read finds it due, the claim parks it.
+    assert queue.take(store, work, claimer(), now=clock.now(), limit=10, where=fanout) == []
+    parked = row(store, work, dying)
+    assert parked is not None and parked.state == State.PARKED.value
+    assert sorted(r.id for r in queue.take(store, work, claimer(), now=clock.now(),
+                                           limit=10)) == sorted(mod)
+
+
+def test_store_take_with_nothing_due_waits_for_no_writer(store: Store,
+                                                        clock: ManualClock) -> None:
+    if not store.is_sqlite:
+        pytest.skip("PostgreSQL has row locks, not one writer at a time")
+    add(store, work, 1, due_at=clock.now() + 60)
+    holding, done = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with store.write():
+            holding.set()
+            done.wait(30)
+
+    busy = threading.Thread(target=writer)
+    busy.start()
+    try:
+        assert holding.wait(10)
+        result: list[object] = []
+        taker = threading.Thread(target=lambda: result.append(
+            queue.take(store, work, claimer(), now=clock.now(), limit=10)))
+        taker.start()
+        taker.join(5)
+        assert result == [[]], "an empty take waited for the writer"
+    finally:
+        done.set()
+        busy.join()
+        taker.join()
+
+
 # -- fail, complete, release, park, retry ------------------------------------------------------
 
 def test_store_fail_backs_off_then_parks_keeping_the_error(store: Store,
