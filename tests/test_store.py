@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import sqlalchemy as sa
@@ -52,6 +53,27 @@ def claim(store: Store, table: sa.Table, who: Claimer, now: float,
           limit: int = 100) -> list[int]:
     with store.write() as conn:
         return [r.id for r in queue.claim(conn, table, who, now=now, limit=limit)]
+
+
+@contextmanager
+def writer_held(store: Store) -> Iterator[None]:
+    """Another thread holds a write transaction (on SQLite, the one writer) inside the block."""
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.write() as conn:
+            conn.execute(contents.insert().values(created_at=1.0, data=b"held"))
+            holding.set()
+            release.wait(30)
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert holding.wait(10)
+        yield
+    finally:
+        release.set()
+        holder.join(30)
 
 
 def add(store: Store, table: sa.Table, count: int, *, due_at: float) -> list[int]:
@@ -331,27 +353,14 @@ def test_store_take_with_nothing_due_waits_for_no_writer(store: Store,
     if not store.is_sqlite:
         pytest.skip("PostgreSQL has row locks, not one writer at a time")
     add(store, work, 1, due_at=clock.now() + 60)
-    holding, done = threading.Event(), threading.Event()
-
-    def writer() -> None:
-        with store.write():
-            holding.set()
-            done.wait(30)
-
-    busy = threading.Thread(target=writer)
-    busy.start()
-    try:
-        assert holding.wait(10)
-        result: list[object] = []
-        taker = threading.Thread(target=lambda: result.append(
-            queue.take(store, work, claimer(), now=clock.now(), limit=10)))
+    result: list[object] = []
+    taker = threading.Thread(target=lambda: result.append(
+        queue.take(store, work, claimer(), now=clock.now(), limit=10)))
+    with writer_held(store):
         taker.start()
         taker.join(5)
         assert result == [[]], "an empty take waited for the writer"
-    finally:
-        done.set()
-        busy.join()
-        taker.join()
+    taker.join()
 
 
 # -- fail, complete, release, park, retry ------------------------------------------------------
@@ -560,24 +569,9 @@ def test_store_sqlite_writer_waiting_too_long_is_told_so(store: Store,
     if not store.is_sqlite:
         pytest.skip("PostgreSQL has row locks, not one writer at a time")
     monkeypatch.setattr("gateway.store.SQLITE_BUSY_TIMEOUT", 0.2)
-    holding, release = threading.Event(), threading.Event()
-
-    def hold() -> None:
+    with writer_held(store), pytest.raises(StoreUnavailable, match="locked"):
         with store.write() as conn:
-            conn.execute(contents.insert().values(created_at=1.0, data=b"held"))
-            holding.set()
-            release.wait(10)
-
-    holder = threading.Thread(target=hold)
-    holder.start()
-    try:
-        assert holding.wait(10)
-        with pytest.raises(StoreUnavailable, match="locked"):
-            with store.write() as conn:
-                conn.execute(contents.insert().values(created_at=2.0, data=b"late"))
-    finally:
-        release.set()
-        holder.join(10)
+            conn.execute(contents.insert().values(created_at=2.0, data=b"late"))
     with store.write() as conn:  # its turn comes once the other is done
         conn.execute(contents.insert().values(created_at=3.0, data=b"after"))
     with store.read() as conn:
