@@ -67,7 +67,6 @@ def log(msg: str) -> None:
     print(f"intake_baseline: {msg}", file=sys.stderr, flush=True)
 
 
-
 def wait_port(port: int, proc: subprocess.Popen[bytes] | None = None, secs: float = 30) -> None:
     deadline = time.monotonic() + secs
     while time.monotonic() < deadline:

@@ -56,7 +56,6 @@ def log(msg: str) -> None:
     print(f"latency: {msg}", file=sys.stderr, flush=True)
 
 
-
 class ArrivalSink:
     """The smarthost: for each Message-ID, the arrival time of every copy."""
 

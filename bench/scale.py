@@ -74,7 +74,6 @@ def log(msg: str) -> None:
     print(f"scale: {time.strftime('%H:%M:%S')} {msg}", file=sys.stderr, flush=True)
 
 
-
 def address(i: int) -> str:
     return f"m{i:05d}@example.net"  # m00000 ... m99999, then m100000 ...
 

@@ -982,9 +982,12 @@ def _quoted(items: Iterable[str]) -> str:
 
 
 def _phrase_hit(name: str, label: str, phrases: _Phrases, text: _Text,
-                extra: Iterable[str] = ()) -> Hit | None:
+                cjk: dict[str, list[str]], extra: Iterable[str] = ()) -> Hit | None:
+    """The hit of a phrase family: its phrases in ``text``, ``extra`` finds, and its
+    Japanese and Chinese phrases (``cjk``, by signal name)."""
     found = phrases.find(text)
     found.extend(extra)
+    found.extend(cjk.get(name, ()))
     distinct = {f.lower() for f in found}
     if not distinct:
         return None
@@ -1000,16 +1003,14 @@ def _detect(mail: _Mail) -> list[Hit]:
     scanned = _Text(text)
     cjk = _cjk_phrases(text)
     hits: list[Hit | None] = [
-        _phrase_hit("call-to-action", "calls to action", _CALL_TO_ACTION, scanned,
-                    [*_toll_free(text), *cjk.get("call-to-action", ())]),
+        _phrase_hit("call-to-action", "calls to action", _CALL_TO_ACTION, scanned, cjk,
+                    _toll_free(text)),
         _price(text),
-        _phrase_hit("discount", "offers", _DISCOUNT, scanned, cjk.get("discount", ())),
-        _phrase_hit("urgency", "urgency", _URGENCY, scanned, cjk.get("urgency", ())),
-        _phrase_hit("money", "money talk", _MONEY, scanned, cjk.get("money", ())),
-        _phrase_hit("unsubscribe-footer", "opt-out footer", _OPT_OUT, scanned,
-                    cjk.get("unsubscribe-footer", ())),
-        _phrase_hit("not-spam-claim", "claims", _NOT_SPAM, scanned,
-                    cjk.get("not-spam-claim", ())),
+        _phrase_hit("discount", "offers", _DISCOUNT, scanned, cjk),
+        _phrase_hit("urgency", "urgency", _URGENCY, scanned, cjk),
+        _phrase_hit("money", "money talk", _MONEY, scanned, cjk),
+        _phrase_hit("unsubscribe-footer", "opt-out footer", _OPT_OUT, scanned, cjk),
+        _phrase_hit("not-spam-claim", "claims", _NOT_SPAM, scanned, cjk),
         *_links(mail, words),
         *_images(mail, words),
         _hidden_text(mail),
