@@ -4,11 +4,11 @@
     queue_depth.py STORE_URL --wait SECS    return once nothing is pending (twice in a row)
 
 "Pending" rows are the ones the gateway is working on or will work on now: claimed
-rows, and ready rows that are due. Rows waiting for a retry later (a deferred
-delivery, a failed stage) are "waiting", like Mailman's retry queue, and parked rows
-are set aside for the operator: neither keeps the gateway busy. SQLite stores are
-read with the standard library (read-only, cheap to start); PostgreSQL through
-SQLAlchemy from Listgate's venv.
+rows, ready rows that are due, and posts in the intake spool. Rows waiting for a
+retry later (a deferred delivery, a failed stage) are "waiting", like Mailman's retry
+queue, and parked rows are set aside for the operator: neither keeps the gateway busy.
+SQLite stores are read with the standard library (read-only, cheap to start);
+PostgreSQL through SQLAlchemy from Listgate's venv.
 """
 
 from __future__ import annotations
@@ -70,12 +70,31 @@ def sqlalchemy_reader(url: str) -> Callable[[str], Rows]:
     return read
 
 
-def depth(read: Callable[[str], Rows]) -> Depth:
+def spool_reader(url: str) -> Callable[[], int]:
+    """Posts in the intake spool of a SQLite store (``<db>-spool``, written when intake
+    has a process of its own): taken in, not yet in the store's queues."""
+    path = url.removeprefix("sqlite:///") + "-spool"
+
+    def count() -> int:
+        try:
+            conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30)
+        except sqlite3.OperationalError:
+            return 0  # no spool file (yet)
+        try:
+            return int(conn.execute("SELECT count(*) FROM posts").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0  # not made yet
+        finally:
+            conn.close()
+    return count
+
+
+def depth(read: Callable[[str], Rows], spooled: Callable[[], int] = lambda: 0) -> Depth:
     soon = time.time() + DUE_SLACK
     rows: Rows = []
     for table in ("work", "outbound"):
         rows += read(QUERY.format(table=table, soon=soon))
-    pending = {"work": 0, "outbound": 0}
+    pending = {"spool": spooled(), "work": 0, "outbound": 0}
     waiting = parked = 0
     for table, state, later, n in rows:
         if state == "parked":
@@ -94,14 +113,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--wait", type=float, metavar="SECS",
                    help="return 0 once nothing is pending twice in a row, 1 after SECS")
     a = p.parse_args(argv)
-    read = sqlite_reader(a.url) if a.url.startswith("sqlite:") else sqlalchemy_reader(a.url)
+    sqlite = a.url.startswith("sqlite:")
+    read = sqlite_reader(a.url) if sqlite else sqlalchemy_reader(a.url)
+    spooled = spool_reader(a.url) if sqlite else (lambda: 0)
     if a.wait is None:
-        print(depth(read).describe())
+        print(depth(read, spooled).describe())
         return 0
     deadline = time.monotonic() + a.wait
     zeros = 0
     while True:
-        d = depth(read)
+        d = depth(read, spooled)
         zeros = zeros + 1 if d.pending == 0 else 0
         if zeros >= 2:
             return 0

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from gateway import addresses, holds, learning, lists, promo, queue, routing
+from gateway import addresses, holds, learning, lists, promo, queue, routing, spool
 from gateway.clock import SystemClock
 from gateway.config import Config, load, store_url
 from gateway.errors import AddressError, Conflict, ListgateError, NotFound
@@ -669,8 +669,10 @@ def _queue_rows(conn: sa.Connection, state: str | None, stage: str | None) -> li
 @fail_cleanly
 def queue_ls(obj: Context, state: str | None, stage: str | None) -> None:
     """Queue rows: ready, claimed (in flight) and parked."""
-    with obj.store() as store, store.read() as conn:
-        rows = _queue_rows(conn, state, stage)
+    with obj.store() as store:
+        in_spool = spool.spooled(store)
+        with store.read() as conn:
+            rows = _queue_rows(conn, state, stage)
     table = Table("id", "state", "what", "queue id", "attempts", "due", "last error")
     for r in rows:
         table.add_row(r["ref"], r["state"], r["what"], str(r["message_id"] or "-"),
@@ -680,6 +682,9 @@ def queue_ls(obj: Context, state: str | None, stage: str | None) -> None:
     for r in rows:
         counts[r["state"]] = counts.get(r["state"], 0) + 1
     out.print(", ".join(f"{n} {s}" for s, n in sorted(counts.items())) or "the queue is empty")
+    if in_spool:
+        out.print(f"and {in_spool} post(s) taken in by intake, in its spool, on their way "
+                  "into the queue")
 
 
 @queue_group.command("show")

@@ -50,6 +50,7 @@ from gateway.queue import Claimer
 from gateway.routing import Stage
 from gateway.schema import outbound, work
 from gateway.signing import LinkSigner
+from gateway.spool import Importer, Spool, highest_message_id
 from gateway.store import Store
 from gateway.templates import Templates
 from gateway.transport import Transport, build
@@ -90,6 +91,9 @@ class Daemon:
     listeners: list[tuple[str, socket.socket]] | None = None  # (protocol, bound socket)
     serve_web: bool = True
     run_stages: bool = True
+    # Intake commits to the spool (SQLite only; see gateway.spool): worth it when intake
+    # has a process of its own, so that no stage's transaction holds up a 250.
+    spool_intake: bool = False
     channel: WakeChannel | None = None
     signer: LinkSigner | None = None
     _jobs: set[asyncio.Future[Progress]] = field(default_factory=set)
@@ -119,14 +123,20 @@ class Daemon:
         # Intake's writes go first: its clients wait for the commit, the stages do not.
         store = Store(store_url(config), clock=self.clock, pool_size=config.store.pool_size,
                       writes_first=not self.run_stages)
+        spool = None
         try:
-            await self._run(store, policies, templates, signer, stopping, reload_requested, ready)
+            spool = await asyncio.to_thread(Spool.beside, store)
+            await self._run(store, spool, policies, templates, signer, stopping,
+                            reload_requested, ready)
         finally:
+            if spool is not None:
+                spool.close()
             store.dispose()
 
-    async def _run(self, store: Store, policies: Policies, templates: Templates,
-                   signer: LinkSigner, stopping: asyncio.Event, reload_requested: asyncio.Event,
-                   ready: Callable[[], None] | None) -> None:
+    async def _run(self, store: Store, spool: Spool | None, policies: Policies,
+                   templates: Templates,
+                   signer: LinkSigner, stopping: asyncio.Event,
+                   reload_requested: asyncio.Event, ready: Callable[[], None] | None) -> None:
         config = self.config
         loop = asyncio.get_running_loop()
         store.check_schema()
@@ -148,8 +158,11 @@ class Daemon:
         models = learning.Models(await asyncio.to_thread(promo.load_model))
         trusted = config.moderation.trusted_authserv_ids
 
+        if spool is not None and self.spool_intake:  # numbered on from the last message
+            await asyncio.to_thread(spool.number_after, highest_message_id(store))
         writer = IntakeWriter(store, clock=self.clock, batch=config.intake.commit_batch,
-                              on_commit=lambda stages: wakeups.notify(*stages))
+                              on_commit=lambda stages: wakeups.notify(*stages),
+                              spool=spool if self.spool_intake else None)
         handler = IntakeHandler(directory.router(), writer, clock=self.clock,
                                 config=config.intake)
         limiter = ConnectionLimiter(total=config.intake.max_connections,
@@ -201,6 +214,8 @@ class Daemon:
         bounces = Bounces(store, clock=self.clock, claimer=claimer, templates=templates,
                           settings=config.bounces, signer=signer, retry_delay=retry)
         batch_stages: list[tuple[Stage, Callable[[Progress], Progress]]] = [
+            *([(Stage.INTAKE, Importer(store, spool, clock=self.clock).run_once)]
+              if spool is not None else []),
             (Stage.MODERATION, moderation.run_once),
             (Stage.COMMANDS, Commands(store, clock=self.clock, claimer=claimer,
                                       templates=templates, policies=policies, resolver=resolver,
@@ -221,7 +236,8 @@ class Daemon:
                             keys=keys, authserv_id=config.dkim.authserv_id or config.hostname)
         if web is not None:
             web.metrics = Metrics(store, clock=self.clock, accepted=lambda: writer.accepted,
-                                  recipients=lambda: delivery.tally).render
+                                  recipients=lambda: delivery.tally,
+                                  spooled=spool.depth if spool is not None else None).render
         poll = config.queue.poll_interval
         tasks = []
         if self.run_stages:
@@ -462,7 +478,7 @@ class Supervisor:
         # The intake worker wakes the stage workers; stage workers wake each other.
         siblings = [pair[0] for i, pair in enumerate(self._inboxes) if i not in (0, slot)]
         daemon = Daemon(self.config, listeners=self._listeners if intake else [],
-                        serve_web=intake, run_stages=not intake,
+                        serve_web=intake, run_stages=not intake, spool_intake=True,
                         channel=WakeChannel(self._inboxes[slot][1], siblings))
 
         def report(text: str) -> None:

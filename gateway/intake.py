@@ -2,9 +2,10 @@
 
 RCPT is checked against the route table with no database I/O (an in-memory
 directory of lists); unknown addresses get 550 5.1.1 before any data is sent.
-After DATA, the raw bytes and one work row per recipient are committed, several
-sessions' messages per transaction (group commit), and only then does the
-client get its 250. A store failure gets 451 4.3.0: the client keeps the message.
+After DATA, the raw bytes and the list addresses they go to are committed, several
+sessions' messages per transaction (group commit), and only then does the client
+get its 250: to the intake spool on SQLite (``gateway.spool``), to the store itself
+on PostgreSQL. A store failure gets 451 4.3.0: the client keeps the message.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ import logging
 import re
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiosmtpd.lmtp import LMTP
@@ -27,7 +27,7 @@ from gateway.config import IntakeConfig
 from gateway.errors import StoreError
 from gateway.message import split
 from gateway.routing import Hit, Role, Router, Stage
-from gateway.schema import State, messages, work
+from gateway.spool import Post, Spool, Target, insert_posts
 from gateway.store import Store
 
 log = logging.getLogger(__name__)
@@ -60,41 +60,27 @@ def command_budgets(max_recipients: int) -> dict[str, int]:
             "RCPT": MAX_TRANSACTIONS * max_recipients, "*": MAX_OTHER_COMMANDS}
 
 
-@dataclass(frozen=True)
-class Arrival:
-    """A message received in full, not yet stored."""
-
-    raw: bytes
-    mail_from: str
-    hits: tuple[Hit, ...]
-    peer: str
-    helo: str
-    protocol: str
-    received_at: float
-    message_id: str | None
-
-
-# One INSERT ... VALUES (...), (...) RETURNING for a batch, ids in the batch's order.
-_INSERT_MESSAGES = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
-
-
 class IntakeWriter:
-    """Commits arrivals in batches: every session waiting at the same moment shares
-    one transaction (and one fsync), and each gets its reply only after the commit."""
+    """Commits posts in batches: every session waiting at the same moment shares one
+    transaction (and one fsync), and each gets its reply only after the commit.
+
+    On SQLite the commit is to the intake spool (``gateway.spool``), which only intake
+    writes; on PostgreSQL, to the store."""
 
     def __init__(self, store: Store, *, clock: Clock, batch: int,
-                 on_commit: Callable[[set[Stage]], None]) -> None:
+                 on_commit: Callable[[set[Stage]], None], spool: Spool | None = None) -> None:
         self.store = store
+        self.spool = spool
         self.clock = clock
         self.batch = batch
         self.on_commit = on_commit
         self.accepted = 0  # messages committed (answered 250) since start, for /metrics
-        self._pending: list[tuple[Arrival, asyncio.Future[int]]] = []
+        self._pending: list[tuple[Post, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
 
-    async def submit(self, arrival: Arrival) -> int:
+    async def submit(self, post: Post) -> int:
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._pending.append((arrival, future))
+        self._pending.append((post, future))
         self._wake.set()
         return await future
 
@@ -111,44 +97,32 @@ class IntakeWriter:
             while self._pending:
                 batch, self._pending = self._pending[:self.batch], self._pending[self.batch:]
                 try:
-                    ids = await asyncio.to_thread(self._commit, [a for a, _f in batch])
+                    ids = await asyncio.to_thread(self._commit, [p for p, _f in batch])
                 except Exception as exc:  # every waiting session answers 451, none 250
                     if not isinstance(exc, StoreError):
                         log.exception("storing %d messages failed", len(batch))
-                    for _arrival, future in batch:
+                    for _post, future in batch:
                         if not future.done():
                             future.set_exception(exc)
                     continue
                 self.accepted += len(ids)
-                stages = {hit.route.stage for a, _f in batch for hit in a.hits}
-                for (_arrival, future), qid in zip(batch, ids, strict=False):
+                stages = {Stage.INTAKE} if self.spool is not None else \
+                    {stage for p, _f in batch for stage in p.stages()}
+                for (_post, future), qid in zip(batch, ids, strict=False):
                     if not future.done():
                         future.set_result(qid)
                 self.on_commit(stages)
 
-    def _commit(self, arrivals: list[Arrival]) -> list[int]:
-        # Two statements per batch, however many messages: each statement costs more
-        # in SQLAlchemy than the rows and the fsync do.
-        now = self.clock.now()
-        with self.store.write(first=True) as conn:
-            ids = [int(qid) for qid in conn.execute(_INSERT_MESSAGES, [{
-                "received_at": a.received_at, "mail_from": a.mail_from,
-                "rcpt_tos": "\n".join(hit.address for hit in a.hits), "peer": a.peer,
-                "helo": a.helo[:255], "protocol": a.protocol, "size": len(a.raw),
-                "message_id": (a.message_id or None) and a.message_id[:998], "raw": a.raw,
-            } for a in arrivals]).scalars()]
-            conn.execute(work.insert(), [{
-                "stage": hit.route.stage.value, "message_id": qid,
-                "list_id": hit.mailing_list.id, "role": hit.route.role.value,
-                "address": hit.address, "detail": hit.detail, "cursor": None,
-                "content_id": None, "state": State.READY.value, "attempts": 0,
-                "due_at": now, "lease_owner": None, "lease_until": None,
-                "last_error": None, "created_at": now, "updated_at": now,
-            } for a, qid in zip(arrivals, ids, strict=True) for hit in a.hits])
-        for a, qid in zip(arrivals, ids, strict=False):
+    def _commit(self, posts: list[Post]) -> list[int]:
+        if self.spool is not None:
+            ids = self.spool.append(posts)
+        else:
+            with self.store.write(first=True) as conn:
+                ids = insert_posts(conn, posts, self.clock.now())
+        for p, qid in zip(posts, ids, strict=False):
             log.info("accepted queue_id=%s from=<%s> to=%s size=%d message_id=%s peer=%s",
-                     qid, printable(a.mail_from), ",".join(_loggable(hit) for hit in a.hits),
-                     len(a.raw), printable(a.message_id or "-"), a.peer)
+                     qid, printable(p.mail_from), ",".join(_loggable(t) for t in p.targets),
+                     len(p.raw), printable(p.message_id or "-"), p.peer)
         return ids
 
 
@@ -212,16 +186,18 @@ class IntakeHandler:
                      printable(envelope.mail_from or ""), _peer(session),
                      len(raw) - len(parts.body))
             return _per_recipient(HEADER_TOO_BIG.format(limit=MAX_HEADER_SIZE), envelope, lmtp)
-        arrival = Arrival(
-            raw=raw, mail_from=_return_path(envelope.mail_from), hits=hits, peer=_peer(session),
+        post = Post(
+            raw=raw, mail_from=_return_path(envelope.mail_from), peer=_peer(session),
+            targets=tuple(Target(hit.route.stage.value, hit.mailing_list.id,
+                                 hit.route.role.value, hit.address, hit.detail) for hit in hits),
             helo=session.host_name or "", protocol="lmtp" if lmtp else "smtp",
             received_at=self.clock.now(), message_id=parts.get(h.MESSAGE_ID),
         )
         try:
-            qid = await self.writer.submit(arrival)
+            qid = await self.writer.submit(post)
         except StoreError as exc:
             log.error("store failure, answering 451: from=<%s> to=%s: %s",
-                      printable(arrival.mail_from), printable(",".join(envelope.rcpt_tos)), exc)
+                      printable(post.mail_from), printable(",".join(envelope.rcpt_tos)), exc)
             return _per_recipient(replies.STORE_FAILED, envelope, lmtp)
         except Exception:  # the reply to the client is a process boundary
             log.exception("storing a message failed, answering 451")
@@ -237,14 +213,14 @@ def _return_path(mail_from: str | None) -> str:
     return value
 
 
-def _loggable(hit: Hit) -> str:
+def _loggable(target: Target) -> str:
     """A recipient for the log: a confirmation token is a capability until it is used,
     so only its first characters are shown."""
-    if hit.route.role is not Role.CONFIRM:
-        return hit.address
-    local, _at, domain = hit.address.rpartition("@")
+    if target.role != Role.CONFIRM.value:
+        return target.address
+    local, _at, domain = target.address.rpartition("@")
     base, plus, token = local.partition("+")
-    return f"{base}{plus}{token[:6]}...@{domain}" if plus else hit.address
+    return f"{base}{plus}{token[:6]}...@{domain}" if plus else target.address
 
 
 def printable(text: str) -> str:

@@ -6,7 +6,8 @@ waiting row and held posts are read from the store at scrape time, so they are r
 whichever daemon did the work when several share one store, and survive restarts.
 
 Alert on: ``listgate_queue_oldest_seconds`` growing (a stage is stuck or the smarthost
-is down), ``listgate_queue_rows{state="parked"}`` above zero (something needs a look:
+is down), ``listgate_spool_posts`` growing (the stage workers are not importing
+intake's posts), ``listgate_queue_rows{state="parked"}`` above zero (something needs a look:
 ``listgate queue ls --state parked``), ``listgate_held_posts`` (moderators are behind).
 """
 
@@ -32,10 +33,13 @@ class Metrics:
     when scraped (callables, so the stages need not know about Prometheus)."""
 
     def __init__(self, store: Store, *, clock: Clock, accepted: Callable[[], int],
-                 recipients: Callable[[], Mapping[str, int]]) -> None:
+                 recipients: Callable[[], Mapping[str, int]],
+                 spooled: Callable[[], int] | None = None) -> None:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_Counters(accepted, recipients))
         self.registry.register(_Store(store, clock))
+        if spooled is not None:
+            self.registry.register(_Spool(spooled))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -59,6 +63,18 @@ class _Counters(Collector):
         for outcome in ("delivered", "deferred", "failed"):
             rcpts.add_metric([outcome], counts.get(outcome, 0))
         yield rcpts
+
+
+class _Spool(Collector):
+    def __init__(self, spooled: Callable[[], int]) -> None:
+        self.spooled = spooled
+
+    def collect(self) -> Iterator[Metric]:
+        posts = GaugeMetricFamily(
+            "listgate_spool_posts",
+            "Posts taken in and not yet moved from the intake spool into the store")
+        posts.add_metric([], self.spooled())
+        yield posts
 
 
 class _Store(Collector):

@@ -38,6 +38,8 @@ class Stage(enum.Enum):
     FANOUT = "fanout"
     DELIVERY = "delivery"
     DIGEST = "digest"
+    # Moves posts from the intake spool into the store (SQLite); it has no work rows.
+    INTAKE = "intake"
 
 
 @dataclass(frozen=True)

@@ -20,13 +20,15 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 
-from gateway.schema import outbound, work
+from gateway.schema import messages, outbound, work
+from gateway.spool import Spool, spooled
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS
 from tests.support import REPO, Sink, free_port, post, wait_until, write_config
@@ -134,9 +136,10 @@ def delivered(sink: Sink, mids: list[str]) -> bool:
 
 
 def queued(store: Store) -> int:
+    """Queue rows, and posts in the intake spool (SQLite: worker 0 commits there)."""
     with store.read() as conn:
-        return sum(conn.execute(sa.select(sa.func.count()).select_from(t)).scalar_one()
-                   for t in (work, outbound))
+        return spooled(store) + sum(conn.execute(sa.select(sa.func.count()).select_from(t))
+                              .scalar_one() for t in (work, outbound))
 
 
 def leased_by(store: Store, pid: int) -> int:
@@ -214,6 +217,47 @@ def test_processes_restart_a_killed_worker_and_finish_its_work(
     wait_until(lambda: delivered(sink, mids) and queued(store) == 0, timeout=60,
                what="every post delivered, the victim's leased work too")
     assert leased_by(store, victim) == 0
+    assert serve.terminate() == 0, serve.text()[-3000:]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_processes_intake_commits_to_the_spool_and_the_stage_worker_imports_it(
+        serve: Serve, sink: Sink, store: Store) -> None:
+    """On SQLite the intake worker's 250 rests on the spool alone: with the stage worker
+    frozen, posts are still taken in, kept in the spool and nowhere else; the
+    worker started in its place imports and delivers each of them once."""
+    serve.start()
+    stages = serve.workers()[1]
+    os.kill(stages, signal.SIGSTOP)
+    try:
+        mids = [f"<mp.s{i}@example.net>" for i in range(40)]
+        assert sorted(send(serve.port, mids)) == sorted(mids)  # type: ignore[attr-defined]
+        spool = Spool.beside(store)
+        assert spool is not None
+        try:
+            spooled = spool.oldest(100)
+        finally:
+            spool.close()
+        assert sorted(str(email.message_from_bytes(s.post.raw)["Message-ID"])
+                      for s in spooled) == sorted(mids)
+        with store.read() as conn:
+            assert conn.execute(sa.select(sa.func.count()).select_from(messages)).scalar() == 0
+        # Each 250 named the number the post keeps in the store.
+        log = serve.text()
+        assert all(f"accepted queue_id={s.seq} " in log for s in spooled)
+        # /metrics (served by the intake worker) shows them waiting.
+        web = re.search(r"web endpoint on (http://[\d.]+:\d+)", log)
+        assert web is not None
+        with urllib.request.urlopen(f"{web.group(1)}/metrics", timeout=30) as answer:
+            assert f"listgate_spool_posts {len(mids)}.0" in answer.read().decode()
+    finally:
+        os.kill(stages, signal.SIGKILL)
+    wait_until(lambda: delivered(sink, mids) and queued(store) == 0, timeout=60,
+               what="the spooled posts imported and delivered by the restarted worker")
+    assert max(copies(sink).values()) == 1
+    with store.read() as conn:
+        ids = dict(conn.execute(sa.select(messages.c.message_id, messages.c.id)).all())
+    assert {ids[mid] for mid in mids} == {s.seq for s in spooled}
     assert serve.terminate() == 0, serve.text()[-3000:]
 
 

@@ -1,0 +1,320 @@
+"""The intake spool: on SQLite, a post is committed to a database file of its own
+before its 250, and the stages move it into the store afterwards.
+
+SQLite has one writer per file. With intake committing into the store, each post's
+250 waited behind the stages' transactions (a fan-out, a delivery's record), which
+take the store's writer several times per post. The spool is written by intake
+alone, so its commit (one transaction and one fsync for every session waiting at
+that moment) waits for nobody. The importer, a stage like the others, moves spooled
+posts into ``messages`` and ``work`` a batch per transaction, then deletes them
+from the spool.
+
+Nothing is lost or doubled between the two files:
+
+- a post is in the spool, fsync'd (WAL, synchronous=FULL), before its 250;
+- an import commits the store's rows first, then deletes the spool's. A crash in
+  between leaves a post in both, and the next import finds its row in the store (same
+  id, same arrival) and only deletes it from the spool;
+- the spool numbers posts from above the store's highest message id, and a post keeps
+  its number in the store, so the 250's "queued as N" and every later log line name
+  the same N. Should a row have that id already and be another message (something
+  wrote ``messages`` behind intake's back), the post gets a new id, and a warning.
+
+PostgreSQL has no single writer: intake commits there directly (``insert_posts``).
+The spool is ``<database>-spool`` next to the store's file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection
+
+from gateway.clock import Clock
+from gateway.errors import StoreError, StoreUnavailable
+from gateway.routing import Stage
+from gateway.schema import State, messages, work
+from gateway.store import SQLITE_BUSY_TIMEOUT, Store
+from gateway.worker import Progress
+
+log = logging.getLogger(__name__)
+
+SUFFIX = "-spool"
+# Posts moved per store transaction: enough to make the import cheap per post, few
+# enough that the store's writer is not held for long.
+IMPORT_BATCH = 64
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS posts (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    received_at REAL NOT NULL,
+    mail_from TEXT NOT NULL,
+    targets TEXT NOT NULL,
+    peer TEXT NOT NULL,
+    helo TEXT NOT NULL,
+    protocol TEXT NOT NULL,
+    message_id TEXT,
+    raw BLOB NOT NULL
+)
+"""
+_COLUMNS = "received_at, mail_from, targets, peer, helo, protocol, message_id, raw"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One work row a post makes: a list address it was sent to, and its stage."""
+
+    stage: str
+    list_id: int
+    role: str
+    address: str
+    detail: str | None
+
+
+@dataclass(frozen=True)
+class Post:
+    """What intake keeps of a message it takes: its ``messages`` row and its targets."""
+
+    received_at: float
+    mail_from: str
+    targets: tuple[Target, ...]
+    peer: str
+    helo: str
+    protocol: str
+    message_id: str | None
+    raw: bytes
+
+    def message_row(self) -> dict[str, Any]:
+        return {"received_at": self.received_at, "mail_from": self.mail_from,
+                "rcpt_tos": "\n".join(t.address for t in self.targets), "peer": self.peer,
+                "helo": self.helo[:255], "protocol": self.protocol, "size": len(self.raw),
+                "message_id": (self.message_id or None) and self.message_id[:998],
+                "raw": self.raw}
+
+    def stages(self) -> set[Stage]:
+        return {Stage(t.stage) for t in self.targets}
+
+
+def work_rows(post: Post, qid: int, now: float) -> list[dict[str, Any]]:
+    return [{"stage": t.stage, "message_id": qid, "list_id": t.list_id, "role": t.role,
+             "address": t.address, "detail": t.detail, "cursor": None, "content_id": None,
+             "state": State.READY.value, "attempts": 0, "due_at": now, "lease_owner": None,
+             "lease_until": None, "last_error": None, "created_at": now, "updated_at": now}
+            for t in post.targets]
+
+
+# One INSERT ... VALUES (...), (...) RETURNING for a batch, ids in the batch's order.
+_INSERT_MESSAGES = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
+
+
+def insert_posts(conn: Connection, posts: Sequence[Post], now: float) -> list[int]:
+    """Store ``posts`` and their work rows; their new ids, in order. Two statements per
+    batch, however many posts: each statement costs more in SQLAlchemy than the rows
+    and the fsync do."""
+    ids = [int(qid) for qid in conn.execute(
+        _INSERT_MESSAGES, [p.message_row() for p in posts]).scalars()]
+    rows = [row for p, qid in zip(posts, ids, strict=True) for row in work_rows(p, qid, now)]
+    if rows:
+        conn.execute(work.insert(), rows)
+    return ids
+
+
+@dataclass(frozen=True)
+class Spooled:
+    seq: int
+    post: Post
+
+
+class Spool:
+    """The spool file: posts appended by intake, read and deleted by the importer.
+
+    One connection per process, used by one thread at a time (a lock): appends,
+    reads and deletes are each a few hundred microseconds."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        try:
+            self._conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT,
+                                         isolation_level=None, check_same_thread=False)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute(_SCHEMA)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"the intake spool {path}: {exc}") from exc
+
+    @classmethod
+    def beside(cls, store: Store) -> Spool | None:
+        """The spool of a SQLite store; None for PostgreSQL, which needs none."""
+        path = spool_path(store.url) if store.is_sqlite else None
+        return cls(path) if path is not None else None
+
+    def number_after(self, highest: int) -> None:
+        """Number the next post above ``highest`` (the store's highest message id)."""
+        with self._transaction() as conn:
+            row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'posts'").fetchone()
+            if row is None:
+                conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('posts', ?)",
+                             (highest,))
+            elif row[0] < highest:
+                conn.execute("UPDATE sqlite_sequence SET seq = ? WHERE name = 'posts'",
+                             (highest,))
+
+    def append(self, posts: Sequence[Post]) -> list[int]:
+        """Commit ``posts`` (one transaction, one fsync); their numbers, in order."""
+        with self._transaction() as conn:
+            return [_insert(conn, p) for p in posts]
+
+    def oldest(self, limit: int) -> list[Spooled]:
+        with self._lock, _translated(self.path):
+            rows = self._conn.execute(f"SELECT seq, {_COLUMNS} FROM posts ORDER BY seq LIMIT ?",
+                                      (limit,)).fetchall()
+        return [Spooled(int(r[0]), _post(r[1:])) for r in rows]
+
+    def forget(self, seqs: Iterable[int]) -> None:
+        numbers = [(seq,) for seq in seqs]
+        with self._transaction() as conn:
+            conn.executemany("DELETE FROM posts WHERE seq = ?", numbers)
+
+    def depth(self) -> int:
+        with self._lock, _translated(self.path):
+            return int(self._conn.execute("SELECT count(*) FROM posts").fetchone()[0])
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the lock; rolled back on any error."""
+        with self._lock, _translated(self.path):
+            self._conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except BaseException:
+                _rollback(self._conn)
+                raise
+
+
+@contextmanager
+def _translated(path: Path) -> Iterator[None]:
+    """sqlite3's errors as the store's: a full disk or a locked file is a StoreError
+    (intake answers 451, a stage tries again)."""
+    try:
+        yield
+    except sqlite3.OperationalError as exc:
+        raise StoreUnavailable(f"the intake spool {path}: {exc}") from exc
+    except sqlite3.Error as exc:
+        raise StoreError(f"the intake spool {path}: {exc}") from exc
+
+
+def _rollback(conn: sqlite3.Connection) -> None:
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error:
+            log.exception("rolling back a spool transaction failed")
+
+
+def _insert(conn: sqlite3.Connection, post: Post) -> int:
+    targets = json.dumps([[t.stage, t.list_id, t.role, t.address, t.detail]
+                          for t in post.targets])
+    cur = conn.execute(f"INSERT INTO posts ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                       (post.received_at, post.mail_from, targets, post.peer, post.helo,
+                        post.protocol, post.message_id, post.raw))
+    assert cur.lastrowid is not None
+    return cur.lastrowid
+
+
+def _post(row: Sequence[Any]) -> Post:
+    received_at, mail_from, targets, peer, helo, protocol, message_id, raw = row
+    return Post(received_at=float(received_at), mail_from=str(mail_from),
+                targets=tuple(Target(str(s), int(lid), str(role), str(addr),
+                                     None if detail is None else str(detail))
+                              for s, lid, role, addr, detail in json.loads(targets)),
+                peer=str(peer), helo=str(helo), protocol=str(protocol),
+                message_id=None if message_id is None else str(message_id), raw=bytes(raw))
+
+
+def spool_path(url: str) -> Path | None:
+    path = sa.engine.make_url(url).database
+    return Path(f"{path}{SUFFIX}") if path else None
+
+
+def spooled(store: Store) -> int:
+    """Posts in the spool of ``store``, read without writing anything (0 if none)."""
+    path = spool_path(store.url) if store.is_sqlite else None
+    if path is None or not path.exists():
+        return 0
+    with _translated(path):
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=SQLITE_BUSY_TIMEOUT)
+        try:
+            return int(conn.execute("SELECT count(*) FROM posts").fetchone()[0])
+        finally:
+            conn.close()
+
+
+def highest_message_id(store: Store) -> int:
+    """The highest id ``messages`` has handed out (deleted rows included)."""
+    with store.read() as conn:
+        used = conn.execute(sa.text(
+            "SELECT seq FROM sqlite_sequence WHERE name = 'messages'")).scalar()
+        top = conn.execute(sa.select(sa.func.max(messages.c.id))).scalar()
+    return max(int(used or 0), int(top or 0))
+
+
+class Importer:
+    """The stage that moves spooled posts into the store (see the module's docstring)."""
+
+    def __init__(self, store: Store, spool: Spool, *, clock: Clock,
+                 batch: int = IMPORT_BATCH) -> None:
+        self.store = store
+        self.spool = spool
+        self.clock = clock
+        self.batch = batch
+
+    def run_once(self, progress: Progress) -> Progress:
+        spooled = self.spool.oldest(self.batch)
+        if not spooled:
+            return progress
+        with self.store.write() as conn:
+            self._import(conn, spooled)
+        self.spool.forget(s.seq for s in spooled)
+        progress.worked += len(spooled)
+        progress.woke(*{stage for s in spooled for stage in s.post.stages()})
+        return progress
+
+    def _import(self, conn: Connection, spooled: Sequence[Spooled]) -> None:
+        now = self.clock.now()
+        there = {int(r.id): r for r in conn.execute(
+            sa.select(messages.c.id, messages.c.received_at, messages.c.size,
+                      messages.c.mail_from)
+            .where(messages.c.id.in_([s.seq for s in spooled])))}
+        fresh: list[Spooled] = []
+        for s in spooled:
+            row = there.get(s.seq)
+            if row is None:
+                fresh.append(s)
+            elif (row.received_at, row.size, row.mail_from) == (
+                    s.post.received_at, len(s.post.raw), s.post.mail_from):
+                log.info("queue_id=%s was imported before the spool forgot it", s.seq)
+            else:
+                qid = insert_posts(conn, [s.post], now)[0]
+                log.warning("queue_id=%s is another message's id in the store; the post "
+                            "spooled under it is queue_id=%s", s.seq, qid)
+        if fresh:
+            conn.execute(messages.insert(),
+                         [dict(s.post.message_row(), id=s.seq) for s in fresh])
+            rows = [row for s in fresh for row in work_rows(s.post, s.seq, now)]
+            if rows:
+                conn.execute(work.insert(), rows)
