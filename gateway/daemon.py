@@ -10,6 +10,7 @@ import asyncio
 import dataclasses
 import datetime
 import functools
+import gc
 import logging
 import os
 import select
@@ -407,6 +408,11 @@ class Supervisor:
         old_wakeup = signal.set_wakeup_fd(self._signal_w, warn_on_full_buffer=False)
         try:
             log.info("supervisor (pid %d) starting %d workers", os.getpid(), self.processes)
+            # What is loaded now (the code, the configuration) is shared with the workers
+            # until written to. The cyclic GC writes to every object it tracks; frozen,
+            # it leaves them be: ~12 MB less memory of their own per worker (PSS).
+            gc.collect()
+            gc.freeze()
             for worker in self._workers:
                 self._fork(worker)
             self._supervise()
