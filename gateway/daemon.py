@@ -95,6 +95,7 @@ class Daemon:
     # Intake commits to the spool (SQLite only; see gateway.spool): worth it when intake
     # has a process of its own, so that no stage's transaction holds up a 250.
     spool_intake: bool = False
+    import_spool: bool = True  # run the importer (one stage worker of a supervisor does)
     channel: WakeChannel | None = None
     signer: LinkSigner | None = None
     _jobs: set[asyncio.Future[Progress]] = field(default_factory=set)
@@ -216,7 +217,7 @@ class Daemon:
                           settings=config.bounces, signer=signer, retry_delay=retry)
         batch_stages: list[tuple[Stage, Callable[[Progress], Progress]]] = [
             *([(Stage.INTAKE, Importer(store, spool, clock=self.clock).run_once)]
-              if spool is not None else []),
+              if spool is not None and self.import_spool else []),
             (Stage.MODERATION, moderation.run_once),
             (Stage.COMMANDS, Commands(store, clock=self.clock, claimer=claimer,
                                       templates=templates, policies=policies, resolver=resolver,
@@ -368,8 +369,10 @@ class Supervisor:
 
     Worker 0 takes posts in (the listening sockets, the web endpoint) and runs no
     stage: its event loop never waits for the GIL behind a stage's thread, and the
-    posts it commits are announced to the others at once (``WakeChannel``). Workers
-    1..N-1 run every stage and the periodic jobs, and wake each other. All are whole
+    posts it commits (to the spool, on SQLite) are announced to the others at once
+    (``WakeChannel``). Workers 1..N-1 run every stage and the periodic jobs, and wake
+    each other; worker 1 alone imports the spool (two importers would read the same
+    posts, and one of them would find them all imported). All are whole
     ``Daemon``s on the shared store, so leases make their races safe, and a worker
     that dies holding leases has them freed by its replacement at start. The
     listening sockets stay open in the supervisor: while worker 0 is restarted,
@@ -485,6 +488,7 @@ class Supervisor:
         siblings = [pair[0] for i, pair in enumerate(self._inboxes) if i not in (0, slot)]
         daemon = Daemon(self.config, listeners=self._listeners if intake else [],
                         serve_web=intake, run_stages=not intake, spool_intake=True,
+                        import_spool=slot == 1,
                         channel=WakeChannel(self._inboxes[slot][1], siblings))
 
         def report(text: str) -> None:

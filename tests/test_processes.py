@@ -221,6 +221,51 @@ def test_processes_restart_a_killed_worker_and_finish_its_work(
 
 
 @pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_processes_three_workers_share_the_stages_and_import_each_post_once(
+        serve: Serve, sink: Sink, store: Store) -> None:
+    serve.config.write_text(serve.config.read_text().replace(
+        f"processes = {WORKERS}\n", "processes = 3\n", 1))
+    serve.start()
+    assert sorted(serve.workers()) == [0, 1, 2]
+    mids = [f"<mp.t{i}@example.net>" for i in range(120)]
+    assert sorted(send(serve.port, mids)) == sorted(mids)  # type: ignore[attr-defined]
+    wait_until(lambda: delivered(sink, mids) and queued(store) == 0, timeout=60,
+               what="every post delivered")
+    assert max(copies(sink).values()) == 1
+    # One importer: no post was read by two of them.
+    assert "imported before the spool forgot it" not in serve.text()
+    assert serve.terminate() == 0, serve.text()[-3000:]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_processes_sigkill_of_the_intake_worker_loses_no_post_that_got_250(
+        serve: Serve, sink: Sink, store: Store) -> None:
+    serve.start()
+    victim = serve.workers()[0]
+    mids = [f"<mp.i{i}@example.net>" for i in range(300)]
+    accepted: list[str] = []
+    sender = threading.Thread(target=lambda: accepted.extend(send(serve.port, mids)))  # type: ignore[attr-defined]
+    sender.start()
+    # Killed with posts arriving: some sessions are cut off, mid-commit or not.
+    wait_until(lambda: serve.text().count("INFO gateway.intake: accepted") >= 50,
+               what="the intake worker at work")
+    os.kill(victim, signal.SIGKILL)
+    sender.join(60)
+    wait_until(lambda: f"worker 0 (pid {victim}) died (killed by SIGKILL)" in serve.text(),
+               what="the supervisor to see worker 0 die")
+    assert 0 < len(accepted) < len(mids)  # the clients of the killed worker gave up
+    wait_until(lambda: delivered(sink, accepted) and queued(store) == 0, timeout=60,
+               what="every post that got a 250 delivered")
+    assert max(copies(sink).values()) == 1
+    # And the restarted intake worker takes posts again.
+    again = [f"<mp.j{i}@example.net>" for i in range(20)]
+    wait_until(lambda: serve.workers()[0] != victim, what="worker 0 restarted")
+    assert sorted(send(serve.port, again)) == sorted(again)  # type: ignore[attr-defined]
+    wait_until(lambda: delivered(sink, again), timeout=60, what="the later posts delivered")
+    assert serve.terminate() == 0, serve.text()[-3000:]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
 def test_processes_intake_commits_to_the_spool_and_the_stage_worker_imports_it(
         serve: Serve, sink: Sink, store: Store) -> None:
     """On SQLite the intake worker's 250 rests on the spool alone: with the stage worker
