@@ -123,6 +123,14 @@ def send(port: int, mids: list[str]) -> list[str]:
     return accepted
 
 
+def send_in_background(port: int, mids: list[str]) -> tuple[threading.Thread, list[str]]:
+    """``send`` in a thread (started); the list fills with what got a 250."""
+    accepted: list[str] = []
+    sender = threading.Thread(target=lambda: accepted.extend(send(port, mids)))
+    sender.start()
+    return sender, accepted
+
+
 def copies(sink: Sink) -> collections.Counter[tuple[str, str]]:
     counter: collections.Counter[tuple[str, str]] = collections.Counter()
     for rcpt, data in sink.handler.copies():
@@ -179,9 +187,7 @@ def test_processes_deliver_every_post_once_and_stop_on_sigterm(
 
     # SIGTERM with posts still arriving: everything stops, what got 250 is kept.
     more = [f"<mp.b{i}@example.net>" for i in range(150)]
-    accepted: list[str] = []
-    sender = threading.Thread(target=lambda: accepted.extend(send(serve.port, more)))  # type: ignore[attr-defined]
-    sender.start()
+    sender, accepted = send_in_background(serve.port, more)  # type: ignore[attr-defined]
     wait_until(lambda: "message_id=<mp.b" in serve.text(), what="the second load under way")
     time.sleep(0.2)
     assert serve.terminate() == 0, serve.text()[-3000:]
@@ -202,9 +208,7 @@ def test_processes_restart_a_killed_worker_and_finish_its_work(
     serve.start()
     victim = serve.workers()[1]
     mids = [f"<mp.k{i}@example.net>" for i in range(150)]
-    accepted: list[str] = []
-    sender = threading.Thread(target=lambda: accepted.extend(send(serve.port, mids)))  # type: ignore[attr-defined]
-    sender.start()
+    sender, accepted = send_in_background(serve.port, mids)  # type: ignore[attr-defined]
     # Kill it while it holds leases.
     wait_until(lambda: leased_by(store, victim) > 0, what="the victim at work")
     os.kill(victim, signal.SIGKILL)
@@ -243,9 +247,7 @@ def test_processes_sigkill_of_the_intake_worker_loses_no_post_that_got_250(
     serve.start()
     victim = serve.workers()[0]
     mids = [f"<mp.i{i}@example.net>" for i in range(300)]
-    accepted: list[str] = []
-    sender = threading.Thread(target=lambda: accepted.extend(send(serve.port, mids)))  # type: ignore[attr-defined]
-    sender.start()
+    sender, accepted = send_in_background(serve.port, mids)  # type: ignore[attr-defined]
     # Killed with posts arriving: some sessions are cut off, mid-commit or not.
     wait_until(lambda: serve.text().count("INFO gateway.intake: accepted") >= 50,
                what="the intake worker at work")
