@@ -289,9 +289,11 @@ class Importer:
             return progress
         with self.store.write() as conn:
             self._import(conn, spooled)
-        self.spool.forget(s.seq for s in spooled)
+        # The next stages start now, while the spool (another file, another lock) forgets
+        # the posts: its fsync is not on their way to the members.
         progress.worked += len(spooled)
         progress.woke(*{stage for s in spooled for stage in s.post.stages()})
+        self.spool.forget(s.seq for s in spooled)
         return progress
 
     def _import(self, conn: Connection, spooled: Sequence[Spooled]) -> None:
