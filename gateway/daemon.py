@@ -93,7 +93,8 @@ class Daemon:
     serve_web: bool = True
     run_stages: bool = True
     # Intake commits to the spool (SQLite only; see gateway.spool): worth it when intake
-    # has a process of its own, so that no stage's transaction holds up a 250.
+    # has a process of its own, so that no stage's transaction holds up a 250. Without,
+    # a spool file left by such a run is still imported.
     spool_intake: bool = False
     import_spool: bool = True  # run the importer (one stage worker of a supervisor does)
     channel: WakeChannel | None = None
@@ -127,7 +128,8 @@ class Daemon:
                       writes_first=not self.run_stages)
         spool = None
         try:
-            spool = await asyncio.to_thread(Spool.beside, store)
+            spool = await asyncio.to_thread(
+                functools.partial(Spool.beside, store, create=self.spool_intake))
             await self._run(store, spool, policies, templates, signer, stopping,
                             reload_requested, ready)
         finally:
@@ -136,8 +138,7 @@ class Daemon:
             store.dispose()
 
     async def _run(self, store: Store, spool: Spool | None, policies: Policies,
-                   templates: Templates,
-                   signer: LinkSigner, stopping: asyncio.Event,
+                   templates: Templates, signer: LinkSigner, stopping: asyncio.Event,
                    reload_requested: asyncio.Event, ready: Callable[[], None] | None) -> None:
         config = self.config
         loop = asyncio.get_running_loop()

@@ -4,8 +4,9 @@ RCPT is checked against the route table with no database I/O (an in-memory
 directory of lists); unknown addresses get 550 5.1.1 before any data is sent.
 After DATA, the raw bytes and the list addresses they go to are committed, several
 sessions' messages per transaction (group commit), and only then does the client
-get its 250: to the intake spool on SQLite (``gateway.spool``), to the store itself
-on PostgreSQL. A store failure gets 451 4.3.0: the client keeps the message.
+get its 250: to the intake spool (``gateway.spool``) when intake has a process of its
+own on SQLite, else to the store itself. A store failure gets 451 4.3.0: the client
+keeps the message.
 """
 
 from __future__ import annotations
@@ -64,8 +65,8 @@ class IntakeWriter:
     """Commits posts in batches: every session waiting at the same moment shares one
     transaction (and one fsync), and each gets its reply only after the commit.
 
-    On SQLite the commit is to the intake spool (``gateway.spool``), which only intake
-    writes; on PostgreSQL, to the store."""
+    With a ``spool`` the commit is to the intake spool (``gateway.spool``), which only
+    intake writes; without, to the store."""
 
     def __init__(self, store: Store, *, clock: Clock, batch: int,
                  on_commit: Callable[[set[Stage]], None], spool: Spool | None = None) -> None:

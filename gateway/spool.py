@@ -1,5 +1,6 @@
-"""The intake spool: on SQLite, a post is committed to a database file of its own
-before its 250, and the stages move it into the store afterwards.
+"""The intake spool: when intake has a process of its own (``[daemon] processes`` >= 2)
+on SQLite, a post is committed to a database file of its own before its 250, and
+the stages move it into the store afterwards.
 
 SQLite has one writer per file. With intake committing into the store, each post's
 250 waited behind the stages' transactions (a fan-out, a delivery's record), which
@@ -21,6 +22,9 @@ Nothing is lost or doubled between the two files:
   wrote ``messages`` behind intake's back), the post gets a new id, and a warning.
 
 PostgreSQL has no single writer: intake commits there directly (``insert_posts``).
+Nor does a single process use the spool: its stages' threads hold the interpreter
+while intake waits anyway, and the spool would only add a copy of every post. It
+imports what a spool file holds, though (left by a run with several processes).
 The spool is ``<database>-spool`` next to the store's file.
 """
 
@@ -153,10 +157,13 @@ class Spool:
             raise StoreUnavailable(f"the intake spool {path}: {exc}") from exc
 
     @classmethod
-    def beside(cls, store: Store) -> Spool | None:
-        """The spool of a SQLite store; None for PostgreSQL, which needs none."""
+    def beside(cls, store: Store, *, create: bool = True) -> Spool | None:
+        """The spool of a SQLite store (without ``create``, only if its file exists);
+        None for PostgreSQL, which needs none."""
         path = spool_path(store.url) if store.is_sqlite else None
-        return cls(path) if path is not None else None
+        if path is None or not (create or path.exists()):
+            return None
+        return cls(path)
 
     def number_after(self, highest: int) -> None:
         """Number the next post above ``highest`` (the store's highest message id)."""

@@ -19,6 +19,7 @@ from gateway.clock import ManualClock
 from gateway.errors import StoreError
 from gateway.routing import Stage
 from gateway.schema import State, messages, work
+from gateway.schema import lists as lists_table
 from gateway.spool import (
     Importer,
     Post,
@@ -30,7 +31,8 @@ from gateway.spool import (
 )
 from gateway.store import Store
 from gateway.worker import Progress
-from tests.support import REPO, write_config
+from tests.conftest import LIST, MEMBERS
+from tests.support import REPO, Sink, gateway, post, write_config
 
 
 @pytest.fixture
@@ -209,3 +211,37 @@ def test_queue_ls_tells_of_posts_still_in_the_spool(
     assert "the queue is empty" in result.output
     assert "2 post(s) taken in by intake, in its spool" in result.output
     assert spooled(sqlite_store) == 2
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_one_process_commits_to_the_store_and_makes_no_spool(
+        config_path: Path, store: Store, sink: Sink) -> None:
+    with gateway(config_path) as gw:
+        gw.send(MEMBERS[0], LIST, post(MEMBERS[0], LIST, "Straight in"))
+        sink.wait_for(len(MEMBERS))
+    path = spool_path(store.url)
+    assert path is not None and not path.exists()
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_one_process_imports_what_a_spool_left_by_several_holds(
+        config_path: Path, store: Store, sink: Sink) -> None:
+    """A run with `processes = 2` stopped with posts in the spool; one process goes on."""
+    left = Spool.beside(store)
+    assert left is not None
+    with store.read() as conn:
+        list_id = conn.execute(sa.select(lists_table.c.id)).scalar_one()
+    raw = post(MEMBERS[0], LIST, "Left in the spool", message_id="<left@example.net>")
+    left.number_after(highest_message_id(store))
+    (seq,) = left.append([Post(
+        received_at=1.0, mail_from=MEMBERS[0], peer="127.0.0.1:1", helo="client.example",
+        protocol="smtp", message_id="<left@example.net>", raw=raw,
+        targets=(Target("moderation", list_id, "post", LIST, None),))])
+    left.close()
+    with gateway(config_path):
+        copies = sink.wait_for(len(MEMBERS))
+    assert all(b"<left@example.net>" in data for _rcpt, data in copies)
+    assert spooled(store) == 0
+    with store.read() as conn:
+        assert conn.execute(sa.select(messages.c.message_id).where(messages.c.id == seq)
+                            ).scalar_one() == "<left@example.net>"
