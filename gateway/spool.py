@@ -47,7 +47,7 @@ from gateway.clock import Clock
 from gateway.errors import StoreError, StoreUnavailable
 from gateway.routing import Stage
 from gateway.schema import State, messages, work
-from gateway.store import SQLITE_BUSY_TIMEOUT, Store
+from gateway.store import SQLITE_BUSY_TIMEOUT, Store, sibling_path
 from gateway.worker import Progress
 
 log = logging.getLogger(__name__)
@@ -120,16 +120,21 @@ def work_rows(post: Post, qid: int, now: float) -> list[dict[str, Any]]:
 _INSERT_MESSAGES = messages.insert().returning(messages.c.id, sort_by_parameter_order=True)
 
 
-def insert_posts(conn: Connection, posts: Sequence[Post], now: float) -> list[int]:
-    """Store ``posts`` and their work rows; their new ids, in order. Two statements per
-    batch, however many posts: each statement costs more in SQLAlchemy than the rows
-    and the fsync do."""
-    ids = [int(qid) for qid in conn.execute(
-        _INSERT_MESSAGES, [p.message_row() for p in posts]).scalars()]
+def insert_posts(conn: Connection, posts: Sequence[Post], now: float,
+                 ids: Sequence[int] | None = None) -> list[int]:
+    """Store ``posts`` and their work rows, under ``ids`` if given (the spool's numbers),
+    else under new ones; the ids, in order. Two statements per batch, however many
+    posts: each statement costs more in SQLAlchemy than the rows and the fsync do."""
+    if ids is None:
+        ids = [int(qid) for qid in conn.execute(
+            _INSERT_MESSAGES, [p.message_row() for p in posts]).scalars()]
+    else:
+        conn.execute(messages.insert(),
+                     [dict(p.message_row(), id=qid) for p, qid in zip(posts, ids, strict=True)])
     rows = [row for p, qid in zip(posts, ids, strict=True) for row in work_rows(p, qid, now)]
     if rows:
         conn.execute(work.insert(), rows)
-    return ids
+    return list(ids)
 
 
 @dataclass(frozen=True)
@@ -254,8 +259,7 @@ def _post(row: Sequence[Any]) -> Post:
 
 
 def spool_path(url: str) -> Path | None:
-    path = sa.engine.make_url(url).database
-    return Path(f"{path}{SUFFIX}") if path else None
+    return sibling_path(url, SUFFIX)
 
 
 def spooled(store: Store) -> int:
@@ -322,8 +326,4 @@ class Importer:
                 log.warning("queue_id=%s is another message's id in the store; the post "
                             "spooled under it is queue_id=%s", s.seq, qid)
         if fresh:
-            conn.execute(messages.insert(),
-                         [dict(s.post.message_row(), id=s.seq) for s in fresh])
-            rows = [row for s in fresh for row in work_rows(s.post, s.seq, now)]
-            if rows:
-                conn.execute(work.insert(), rows)
+            insert_posts(conn, [s.post for s in fresh], now, ids=[s.seq for s in fresh])

@@ -204,15 +204,20 @@ class Store:
         self._write_lock_fd = self._write_gate_fd = None
 
 
-def write_lock_path(url: str, suffix: str = "-writelock") -> Path | None:
-    """The file whose flock orders SQLite writers across processes: ``<db>-writelock``
-    (and ``<db>-writegate``, the gate before it)."""
+def sibling_path(url: str, suffix: str) -> Path | None:
+    """A file of ours next to a SQLite database: ``<db><suffix>``; None without a file."""
     path = sa.engine.make_url(url).database
     return Path(f"{path}{suffix}") if path else None
 
 
+def write_lock_path(url: str) -> Path | None:
+    """The file whose flock orders SQLite writers across processes: ``<db>-writelock``
+    (``<db>-writegate`` is the gate before it)."""
+    return sibling_path(url, "-writelock")
+
+
 def _open_lock_file(url: str, suffix: str) -> int | None:
-    path = write_lock_path(url, suffix)
+    path = sibling_path(url, suffix)
     if path is None:
         return None
     try:
