@@ -13,13 +13,9 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
-from alembic import command
-from alembic.config import Config as AlembicConfig
-from alembic.runtime.migration import MigrationContext
-from alembic.script import ScriptDirectory
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import DBAPIError, OperationalError
@@ -27,9 +23,15 @@ from sqlalchemy.exc import DBAPIError, OperationalError
 from gateway.clock import Clock
 from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
 
+if TYPE_CHECKING:
+    from alembic.config import Config as AlembicConfig
+
 log = logging.getLogger(__name__)
 
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
+# The newest revision in gateway/migrations, which the daemon checks the store against
+# at start without loading Alembic (~11 MB a process); a test holds the two together.
+SCHEMA_REVISION = "0004"
 # How long a SQLite writer waits for its turn before the store counts as unavailable.
 SQLITE_BUSY_TIMEOUT = 30
 
@@ -168,7 +170,12 @@ class Store:
 
     # -- schema ------------------------------------------------------------
 
+    # Alembic is loaded only by what changes or reports on the schema (`listgate init`,
+    # `listgate db`), not by the daemon.
+
     def _alembic(self) -> AlembicConfig:
+        from alembic.config import Config as AlembicConfig
+
         cfg = AlembicConfig()
         cfg.set_main_option("script_location", str(_MIGRATIONS))
         cfg.attributes["engine"] = self.engine
@@ -176,19 +183,31 @@ class Store:
 
     def upgrade(self) -> None:
         """Bring the schema to the newest revision."""
+        from alembic import command
+
         with self._translate():
             command.upgrade(self._alembic(), "head")
 
     def revisions(self) -> tuple[str | None, str]:
-        """(the database's revision, the newest this code knows)."""
+        """(the database's revision, the newest this code knows), as Alembic reads them."""
+        from alembic.runtime.migration import MigrationContext
+        from alembic.script import ScriptDirectory
+
         head = ScriptDirectory.from_config(self._alembic()).get_current_head()
         assert head is not None
         with self._translate(), self.engine.connect() as conn:
             current = MigrationContext.configure(conn).get_current_revision()
         return current, head
 
+    def revision(self) -> str | None:
+        """The database's revision (None: no schema yet), read without Alembic."""
+        with self._translate(), self.engine.connect() as conn:
+            if not sa.inspect(conn).has_table("alembic_version"):
+                return None
+            return conn.execute(sa.text("SELECT version_num FROM alembic_version")).scalar()
+
     def check_schema(self) -> None:
-        current, head = self.revisions()
+        current, head = self.revision(), SCHEMA_REVISION
         if current != head:
             raise SchemaOutdated(
                 f"the database at {self.engine.url.render_as_string(hide_password=True)} is at "

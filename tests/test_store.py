@@ -26,7 +26,7 @@ from gateway.clock import ManualClock
 from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
 from gateway.queue import Claimer
 from gateway.schema import QUEUE_TABLES, State, contents, lists, metadata, outbound, work
-from gateway.store import Store, normalise_url, write_lock_path
+from gateway.store import SCHEMA_REVISION, Store, normalise_url, write_lock_path
 from tests.helpers_unit import add_rows
 from tests.support import REPO
 
@@ -100,6 +100,23 @@ def test_store_upgrade_is_idempotent(store: Store) -> None:
     store.upgrade()
     assert store.revisions() == (head, head)
     store.check_schema()
+
+
+def test_store_schema_revision_is_the_newest_migration(store: Store) -> None:
+    """The daemon checks the store against SCHEMA_REVISION without Alembic: it must be
+    the head Alembic finds in gateway/migrations, and read the same revision."""
+    current, head = store.revisions()
+    assert head == SCHEMA_REVISION
+    assert store.revision() == current == head
+
+
+def test_store_check_schema_refuses_an_older_revision(store: Store) -> None:
+    with store.write() as conn:
+        conn.execute(sa.text("UPDATE alembic_version SET version_num = '0003'"))
+    with pytest.raises(SchemaOutdated) as info:
+        store.check_schema()
+    assert f"is at revision 0003, this Listgate needs {SCHEMA_REVISION}" in str(info.value)
+    assert "listgate db upgrade" in str(info.value)
 
 
 def test_store_check_schema_on_an_empty_database_says_what_to_run(store_url: str) -> None:
