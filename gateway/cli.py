@@ -8,7 +8,6 @@ from __future__ import annotations
 import asyncio
 import csv
 import datetime
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -183,27 +182,24 @@ def _example(store: Store) -> None:
 @fail_cleanly
 def serve(obj: Context, processes: int | None) -> None:
     """Run the gateway until SIGTERM or Ctrl-C."""
-    from gateway.daemon import Bound, Daemon, Supervisor
+    from gateway.supervisor import announce, configure_logging
 
     config = obj.config()
     processes = processes or config.daemon.processes
-    # With workers, each line says whose it is; the rest of the line reads as with one.
-    pid = " [%(process)d]" if processes > 1 else ""
-    logging.basicConfig(level=config.log.level.upper(), stream=sys.stderr,
-                        format=f"%(asctime)s{pid} %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
-
-    def ready(bound: list[Bound]) -> None:
-        for b in bound:
-            out.print(f"listening: {b.protocol}://{b.host}:{b.port}")
-        if not config.delivery.smarthost:
-            outbox = config.delivery.outbox / "new"
-            out.print(f"no smarthost set: mail for members goes to {outbox}")
-
     if processes > 1:
-        sys.exit(Supervisor(config, processes, ready=ready).run())
+        # The supervisor is this process (same pid) made small again: it keeps none of
+        # what this command has loaded, and each worker loads what it runs.
+        command = [sys.executable, "-m", "gateway.supervisor", "--processes", str(processes)]
+        if obj.config_path.exists():
+            command += ["--config", str(obj.config_path)]
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.execv(sys.executable, command)
+    from gateway.daemon import Daemon
+
+    configure_logging(config, processes)
     daemon = Daemon(config)
-    asyncio.run(daemon.run(ready=lambda: ready(daemon.bound), handle_signals=True))
+    asyncio.run(daemon.run(ready=lambda: announce(config, daemon.bound), handle_signals=True))
 
 
 @main.group()

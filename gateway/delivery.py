@@ -41,6 +41,7 @@ from gateway.schema import contents, delivery_failures, outbound
 from gateway.signing import LinkSigner, personalise
 from gateway.smtpclient import Outcome, Reply
 from gateway.store import Store
+from gateway.tally import Tally
 from gateway.transport import Transport
 from gateway.worker import Wakeups
 
@@ -120,9 +121,9 @@ class Delivery:
     def __init__(self, store: Store, transport: Transport, *, clock: Clock, claimer: Claimer,
                  config: DeliveryConfig, retry_delay: float,
                  link_signer: LinkSigner | None = None, keys: SigningKeys | None = None,
-                 authserv_id: str = "") -> None:
+                 authserv_id: str = "", tally: Tally | None = None) -> None:
         # Recipients by outcome (delivered, deferred, failed) since start, for /metrics.
-        self.tally: Counter[str] = Counter()
+        self.tally = tally if tally is not None else Tally()
         self.link_signer = link_signer
         self.keys = keys
         self.authserv_id = authserv_id
@@ -340,7 +341,7 @@ class Delivery:
             # Once per content, not per row: a post's rows finish together.
             for content_id in {job.content_id for job in done if job.id in deleted}:
                 outgoing.drop_unused_content(conn, content_id)
-        self.tally.update(tally)  # counted once the outcomes are on disk
+        self.tally.add(tally)  # counted once the outcomes are on disk
 
     def _record_one(self, conn: Connection, r: Result, tally: Counter[str]) -> bool:
         """Record one outcome, counting recipients by outcome in ``tally``; True if the

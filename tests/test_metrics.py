@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import http.client
+import os
 from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.clock import ManualClock
+from gateway.tally import SharedTally, Tally
 from tests.conftest import LIST, MEMBERS
 from tests.support import RunningGateway, Sink, gateway, post, wait_until
 
@@ -60,3 +62,28 @@ def test_metrics_show_a_deferred_recipient_waiting(config_path: Path, sink: Sink
     assert seen[("listgate_delivery_recipients_total", (("outcome", "delivered"),))] == 2
     assert seen[("listgate_queue_rows", (("stage", "delivery"), ("state", "ready")))] == 1
     assert seen[("listgate_queue_oldest_seconds", (("stage", "delivery"),))] >= 120
+
+
+def test_shared_tally_sums_the_rows_of_forked_workers() -> None:
+    """The workers of one `serve` count into memory shared with the supervisor: each
+    adds to its own row, any of them reads the sum, and a worker started again in a
+    slot goes on from what the one before it counted."""
+    tally = SharedTally(3)
+
+    def worker(slot: int, counts: dict[str, int]) -> None:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                tally.slot = slot
+                tally.add(counts)
+            finally:
+                os._exit(0)
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+
+    worker(1, {"delivered": 5, "deferred": 1})
+    worker(2, {"delivered": 7, "failed": 2})
+    worker(1, {"delivered": 3})  # a restarted worker in slot 1
+    assert tally.totals() == {"delivered": 15, "deferred": 1, "failed": 2}
+    tally.add({"delivered": 1})  # slot 0, in this process
+    assert tally.totals()["delivered"] == 16
+    assert Tally().totals() == {"delivered": 0, "deferred": 0, "failed": 0}

@@ -156,6 +156,21 @@ def leased_by(store: Store, pid: int) -> int:
             t.c.lease_owner.like(f"%:{pid}:%"))).scalar_one() for t in (work, outbound))
 
 
+def metrics(serve: Serve) -> str:
+    """``/metrics``, served by the intake worker (the one started last)."""
+    web = re.findall(r"web endpoint on (http://[\d.]+:\d+)", serve.text())
+    assert web, serve.text()[-3000:]
+    with urllib.request.urlopen(f"{web[-1]}/metrics", timeout=30) as answer:
+        return str(answer.read().decode())
+
+
+def delivered_metric(serve: Serve) -> int:
+    found = re.search(r'^listgate_delivery_recipients_total\{outcome="delivered"\} (\S+)$',
+                      metrics(serve), re.M)
+    assert found is not None
+    return int(float(found.group(1)))
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -184,6 +199,12 @@ def test_processes_deliver_every_post_once_and_stop_on_sigterm(
     assert f"[{workers[0]}] INFO gateway.intake: accepted" in log
     assert f"[{workers[1]}] INFO gateway.delivery: delivered" in log
     assert f"[{workers[0]}] INFO gateway.delivery: delivered" not in log
+    # /metrics, served by worker 0, counts what worker 1 delivered.
+    assert delivered_metric(serve) == len(mids) * len(MEMBERS)
+    # Worker 0 never loaded the stages' code (DKIM's cryptography among it); worker 1 did.
+    maps = {slot: Path(f"/proc/{pid}/maps").read_text() for slot, pid in workers.items()}
+    assert "cryptography" not in maps[0]
+    assert "cryptography" in maps[1]
 
     # SIGTERM with posts still arriving: everything stops, what got 250 is kept.
     more = [f"<mp.b{i}@example.net>" for i in range(150)]
@@ -221,6 +242,9 @@ def test_processes_restart_a_killed_worker_and_finish_its_work(
     wait_until(lambda: delivered(sink, mids) and queued(store) == 0, timeout=60,
                what="every post delivered, the victim's leased work too")
     assert leased_by(store, victim) == 0
+    # Each recipient counted once, by the victim or by the worker in its place: what the
+    # victim counted before it died is not forgotten.
+    assert delivered_metric(serve) == len(mids) * len(MEMBERS)
     assert serve.terminate() == 0, serve.text()[-3000:]
 
 
@@ -293,10 +317,7 @@ def test_processes_intake_commits_to_the_spool_and_the_stage_worker_imports_it(
         log = serve.text()
         assert all(f"accepted queue_id={s.seq} " in log for s in spooled)
         # /metrics (served by the intake worker) shows them waiting.
-        web = re.search(r"web endpoint on (http://[\d.]+:\d+)", log)
-        assert web is not None
-        with urllib.request.urlopen(f"{web.group(1)}/metrics", timeout=30) as answer:
-            assert f"listgate_spool_posts {len(mids)}.0" in answer.read().decode()
+        assert f"listgate_spool_posts {len(mids)}.0" in metrics(serve)
     finally:
         os.kill(stages, signal.SIGKILL)
     wait_until(lambda: delivered(sink, mids) and queued(store) == 0, timeout=60,
@@ -323,6 +344,16 @@ def test_processes_exit_non_zero_when_workers_cannot_start(tmp_path: Path,
     assert "listgate db upgrade" in text
     assert "died 3 times before it was up" in text
     assert not any(alive(pid) for pid in running.workers().values())
+
+
+def test_processes_supervisor_loads_only_the_configuration() -> None:
+    """`serve` execs a small supervisor: the gateway's code is loaded by the workers."""
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import sys, gateway.supervisor; print(*sorted(sys.modules))"],
+        capture_output=True, text=True, check=True, cwd=REPO).stdout.split()
+    assert "gateway.config" in loaded
+    heavy = {"asyncio", "sqlalchemy", "gateway.daemon", "gateway.store", "jinja2", "alembic"}
+    assert heavy.isdisjoint(loaded)
 
 
 def test_processes_bad_value_is_a_config_error(tmp_path: Path) -> None:
