@@ -108,6 +108,9 @@ class SMTPClient:
         self.settings = settings
         self.extensions: dict[str, str] = {}
         self._buffer = bytearray()
+        # Single-line replies already parsed, by their bytes: a large envelope's RCPT
+        # replies are mostly the same line, parsed once instead of a hundred times.
+        self._parsed: dict[bytes, Reply] = {}
         self._reader: asyncio.StreamReader | None = None
         self._writer: asyncio.StreamWriter | None = None
 
@@ -370,17 +373,41 @@ class SMTPClient:
 
     def _parse_reply(self) -> Reply | None:
         """One complete (possibly multi-line) reply off the front of the buffer, or None."""
+        end = self._buffer.find(b"\n")
+        if end == -1:
+            return None
+        if self._buffer[3:4] != b"-":  # a single-line reply, the usual case
+            raw = bytes(self._buffer[:end + 1])
+            reply = self._parsed.get(raw)
+            if reply is None:
+                reply = _reply([_reply_line(raw)])
+                if len(self._parsed) < _PARSED_KEPT:
+                    self._parsed[raw] = reply
+            del self._buffer[:end + 1]
+            return reply
         lines = []
         pos = 0
         while True:
             end = self._buffer.find(b"\n", pos)
             if end == -1:
                 return None
-            line = bytes(self._buffer[pos:end]).rstrip(b"\r").decode("utf-8", "replace")
+            line = _reply_line(self._buffer[pos:end])
             pos = end + 1
-            if len(line) < 3 or not line[:3].isdigit():
-                raise ValueError(f"smarthost sent a malformed reply: {line[:100]!r}")
-            lines.append(line[4:])
+            lines.append(line)
             if line[3:4] != "-":
                 del self._buffer[:pos]
-                return Reply(int(line[:3]), "\n".join(lines))
+                return _reply(lines)
+
+
+_PARSED_KEPT = 64
+
+
+def _reply_line(data: bytes | bytearray) -> str:
+    line = bytes(data).rstrip(b"\r\n").decode("utf-8", "replace")
+    if len(line) < 3 or not line[:3].isdigit():
+        raise ValueError(f"smarthost sent a malformed reply: {line[:100]!r}")
+    return line
+
+
+def _reply(lines: list[str]) -> Reply:
+    return Reply(int(lines[-1][:3]), "\n".join(line[4:] for line in lines))
