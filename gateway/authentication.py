@@ -1158,25 +1158,27 @@ class SigningKeys:
 
     def for_domain(self, domain: str) -> Signer | None:
         domain = domain.lower()
+        # Loaded under the lock: delivery threads asking at once load a key (and say
+        # that it is missing) once.
         with self._lock:
-            if domain in self._signers:
-                return self._signers[domain]
+            if domain not in self._signers:
+                self._signers[domain] = self._load(domain)
+            return self._signers[domain]
+
+    def _load(self, domain: str) -> Signer | None:
         key = self.path(self.selector, domain)
-        signer: Signer | None = None
-        if key.exists():
-            ed = self.path(self.ed25519_selector, domain) if self.ed25519_selector else None
-            has_ed = ed is not None and ed.exists()
-            signer = Signer.from_files(
-                domain, self.selector, key,
-                ed25519_selector=self.ed25519_selector if has_ed else None,
-                ed25519_key_path=ed if has_ed else None, clock=self.clock)
-            log.info("DKIM: signing mail of %s with selector %s%s", domain, self.selector,
-                     f" and ed25519 selector {self.ed25519_selector}" if has_ed else "")
-        else:
+        if not key.exists():
             log.warning("DKIM: no key %s: mail of %s goes out unsigned "
                         "(make one with `listgate dkim keygen %s`)", key, domain, domain)
-        with self._lock:
-            self._signers[domain] = signer
+            return None
+        ed = self.path(self.ed25519_selector, domain) if self.ed25519_selector else None
+        has_ed = ed is not None and ed.exists()
+        signer = Signer.from_files(
+            domain, self.selector, key,
+            ed25519_selector=self.ed25519_selector if has_ed else None,
+            ed25519_key_path=ed if has_ed else None, clock=self.clock)
+        log.info("DKIM: signing mail of %s with selector %s%s", domain, self.selector,
+                 f" and ed25519 selector {self.ed25519_selector}" if has_ed else "")
         return signer
 
 

@@ -12,6 +12,7 @@ import socket
 import stat
 import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from gateway.authentication import (
     AuthResults,
     Resolver,
     Signer,
+    SigningKeys,
     aligned,
     arc_seal,
     arc_verify,
@@ -973,3 +975,17 @@ def test_verify_over_dns_pass_and_temperror(stub: StubDNS, keys: Keys) -> None:
     with pytest.raises(TemporaryDNSError):
         dmarc_policy(LIST_DOMAIN, resolver)
     assert verify(signed, resolver).dmarc_policy is None
+
+
+def test_signing_keys_load_a_domain_once_for_threads_asking_at_once(
+        keys: Keys, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Delivery threads ask for a domain's signer together: one load, one warning for a
+    missing key, and the same signer for all."""
+    found = SigningKeys(keys.rsa_path.parent, selector="rsa", clock=ManualClock())
+    missing = SigningKeys(tmp_path, selector="rsa", clock=ManualClock())
+    with ThreadPoolExecutor(8) as pool:
+        signers = list(pool.map(found.for_domain, [LIST_DOMAIN] * 16))
+        absent = list(pool.map(missing.for_domain, [LIST_DOMAIN.upper()] * 16))
+    assert signers[0] is not None and all(s is signers[0] for s in signers)
+    assert absent == [None] * 16
+    assert sum("goes out unsigned" in r.getMessage() for r in caplog.records) == 1
