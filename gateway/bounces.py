@@ -371,7 +371,7 @@ class Bounces:
     def run_once(self, progress: Progress | None = None) -> Progress:
         """Mail to LIST-bounces@ and LIST-bounces+DETAIL@: attribute, score, record."""
         rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, where=[work.c.stage == self.stage.value])
+                          limit=self.batch, stage=self.stage.value)
         progress = progress or Progress()
         progress.worked += len(rows)
         for row in rows:

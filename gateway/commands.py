@@ -99,8 +99,8 @@ class Commands:
 
     def run_once(self, progress: Progress | None = None) -> Progress:
         rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, where=[work.c.stage == self.stage.value,
-                                                   work.c.role.in_([r.value for r in self.roles])])
+                          limit=self.batch, stage=self.stage.value,
+                          roles=[r.value for r in self.roles])
         progress = progress or Progress()
         progress.worked += len(rows)
         for row in rows:

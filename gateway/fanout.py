@@ -31,6 +31,18 @@ from gateway.worker import Progress
 
 log = logging.getLogger(__name__)
 
+# The statements every post runs, built once: building a statement costs several times
+# what running it does.
+_MESSAGE_ID = sa.select(messages.c.message_id).where(messages.c.id == sa.bindparam("id"))
+_MESSAGE = sa.select(messages).where(messages.c.id == sa.bindparam("id"))
+_MEMBERS_AFTER = (
+    sa.select(members.c.id, members.c.address)
+    .where(members.c.list_id == sa.bindparam("list_id"),
+           members.c.mode == Mode.REGULAR.value, members.c.enabled.is_(True),
+           members.c.id > sa.bindparam("cursor"))
+    .order_by(members.c.id).limit(sa.bindparam("chunk"))
+)
+
 
 class Fanout:
     stage = Stage.FANOUT
@@ -55,7 +67,7 @@ class Fanout:
 
     def run_once(self, progress: Progress | None = None) -> Progress:
         rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, where=[work.c.stage == self.stage.value])
+                          limit=self.batch, stage=self.stage.value)
         progress = progress or Progress()
         progress.worked += len(rows)
         for row in rows:
@@ -74,8 +86,7 @@ class Fanout:
         with self.store.read() as conn:
             lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
             message_id_header = None if lst is None or row.content_id is None else \
-                conn.execute(sa.select(messages.c.message_id).where(
-                    messages.c.id == row.message_id)).scalar_one_or_none()
+                conn.execute(_MESSAGE_ID, {"id": row.message_id}).scalar_one_or_none()
         if lst is None:
             with self.store.write() as conn:
                 if not queue.complete(conn, work, row.id, self.claimer):
@@ -98,12 +109,8 @@ class Fanout:
                 if content_id is None:
                     assert copy is not None
                     content_id = self._store(conn, copy, lst, now, progress)
-                chunk = conn.execute(
-                    sa.select(members.c.id, members.c.address)
-                    .where(members.c.list_id == lst.id, members.c.mode == Mode.REGULAR.value,
-                           members.c.enabled.is_(True), members.c.id > cursor)
-                    .order_by(members.c.id).limit(self.chunk)
-                ).all()
+                chunk = conn.execute(_MEMBERS_AFTER, {"list_id": lst.id, "cursor": cursor,
+                                                      "chunk": self.chunk}).all()
                 personal = lst.links_base(self.public_url) is not None
                 recipients = [f"{r.address} {r.id}" if personal else r.address for r in chunk]
                 outgoing.enqueue(conn, content_id=content_id,
@@ -137,7 +144,7 @@ class Fanout:
         """The members' copy of the post (with the member placeholder where its links are
         personal). CPU work only: nothing is written."""
         with self.store.read() as conn:
-            msg = conn.execute(sa.select(messages).where(messages.c.id == row.message_id)).one()
+            msg = conn.execute(_MESSAGE, {"id": row.message_id}).one()
         links = lst.links_base(self.public_url)
         footer = self.templates.render(
             "footer.txt.j2", list_address=lst.address, mailing_list=lst.identity,

@@ -38,6 +38,9 @@ from gateway.worker import Progress
 
 log = logging.getLogger(__name__)
 
+_RAW_AND_SENDER = sa.select(messages.c.raw, messages.c.mail_from).where(
+    messages.c.id == sa.bindparam("id"))  # built once: building costs more than running
+
 # Outcomes committed per write transaction (see Moderation.run_once).
 OUTCOMES_PER_COMMIT = 4
 
@@ -77,7 +80,7 @@ class Moderation:
 
     def run_once(self, progress: Progress | None = None) -> Progress:
         rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, where=[work.c.stage == self.stage.value])
+                          limit=self.batch, stage=self.stage.value)
         progress = progress or Progress()
         progress.worked += len(rows)
         decided: list[tuple[Item, Decision | None]] = []
@@ -118,8 +121,7 @@ class Moderation:
 
     def _load(self, row: Row[tuple[object, ...]]) -> Item:
         with self.store.read() as conn:
-            msg = conn.execute(sa.select(messages.c.raw, messages.c.mail_from)
-                               .where(messages.c.id == row.message_id)).one()
+            msg = conn.execute(_RAW_AND_SENDER, {"id": row.message_id}).one()
             lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
             facts = message_facts(msg.raw)
             sender = self._sender_facts(conn, lst, facts, msg.mail_from)

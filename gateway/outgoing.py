@@ -20,12 +20,27 @@ class Kind(enum.Enum):
     FORWARD = "forward"
 
 
+# The statements of every post's way out, built once: building a statement costs
+# several times what running it does.
+_ADD_CONTENT = contents.insert().returning(contents.c.id)
+_ENQUEUE = outbound.insert()
+_unused: sa.BindParameter[int] = sa.bindparam("content_id")
+_DROP_UNUSED_CONTENT = sa.delete(contents).where(
+    contents.c.id == _unused,
+    ~sa.exists().where(outbound.c.content_id == _unused),
+    ~sa.exists().where(work.c.content_id == _unused),
+    ~sa.exists().where(digest_batches.c.state != BatchState.SENT.value,
+                       sa.or_(digest_batches.c.mime_content_id == _unused,
+                              digest_batches.c.plain_content_id == _unused,
+                              digest_batches.c.html_content_id == _unused)),
+)
+
+
 def add_content(conn: Connection, data: bytes, *, now: float, auth: str | None = None) -> int:
     """Store content to send; ``auth`` is the post's authentication results (JSON), for
     the ARC set each copy gets."""
-    return int(conn.execute(
-        contents.insert().values(created_at=now, data=data, auth=auth).returning(contents.c.id)
-    ).scalar_one())
+    return int(conn.execute(_ADD_CONTENT,
+                            {"created_at": now, "data": data, "auth": auth}).scalar_one())
 
 
 def enqueue(conn: Connection, *, content_id: int, envelope_from: str, recipients: Sequence[str],
@@ -49,7 +64,7 @@ def enqueue(conn: Connection, *, content_id: int, envelope_from: str, recipients
         for i in range(0, len(recipients), batch)
     ]
     if rows:
-        conn.execute(outbound.insert(), rows)
+        conn.execute(_ENQUEUE, rows)
     return len(rows)
 
 
@@ -66,13 +81,4 @@ def send(conn: Connection, data: bytes, *, envelope_from: str, recipients: Seque
 def drop_unused_content(conn: Connection, content_id: int) -> None:
     """Delete content that no outbound row, no unfinished work and no digest batch still
     being sent needs (a sent batch just loses its pointer)."""
-    b = digest_batches.c
-    conn.execute(sa.delete(contents).where(
-        contents.c.id == content_id,
-        ~sa.exists().where(outbound.c.content_id == content_id),
-        ~sa.exists().where(work.c.content_id == content_id),
-        ~sa.exists().where(b.state != BatchState.SENT.value,
-                           sa.or_(b.mime_content_id == content_id,
-                                  b.plain_content_id == content_id,
-                                  b.html_content_id == content_id)),
-    ))
+    conn.execute(_DROP_UNUSED_CONTENT, {"content_id": content_id})

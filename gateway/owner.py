@@ -42,7 +42,7 @@ class Owner:
 
     def run_once(self, progress: Progress | None = None) -> Progress:
         rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, where=[work.c.stage == self.stage.value])
+                          limit=self.batch, stage=self.stage.value)
         progress = progress or Progress()
         progress.worked += len(rows)
         for row in rows:

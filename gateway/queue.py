@@ -9,6 +9,7 @@ expired, ``max_attempts`` times in a row is parked: kept, visible, never deleted
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from collections.abc import Iterable, Sequence
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Row
+from sqlalchemy.sql.dml import ReturningDelete, ReturningUpdate
 
 from gateway.schema import State
 from gateway.store import Store
@@ -80,53 +82,66 @@ def recover_dead_leases(conn: Connection, table: sa.Table, *, now: float) -> int
 
 
 def take(store: Store, table: sa.Table, claimer: Claimer, *, now: float, limit: int,
-         where: Sequence[sa.ColumnElement[bool]] = ()) -> list[Row[tuple[object, ...]]]:
+         stage: str | None = None, roles: Sequence[str] = ()) -> list[Row[tuple[object, ...]]]:
     """:func:`claim` in a write transaction of its own, opened only when a read finds a
     row to claim. A stage claims again after every round that found work, and mostly
     finds none: on SQLite an empty claim would still wait for, and hold, the one writer
     that intake's commit (a client waiting for its 250) needs."""
+    statements = _claiming(table, stage, tuple(roles))
     with store.read() as conn:
-        if conn.execute(sa.select(table.c.id).where(_due(table, now), *where).limit(1)) \
-                .first() is None:
+        if conn.execute(statements.due, {"now": now}).first() is None:
             return []
     with store.write() as conn:
-        return claim(conn, table, claimer, now=now, limit=limit, where=where)
-
-
-def _expired(table: sa.Table, now: float) -> sa.ColumnElement[bool]:
-    return sa.and_(table.c.state == State.CLAIMED.value, table.c.lease_until < now)
-
-
-def _due(table: sa.Table, now: float) -> sa.ColumnElement[bool]:
-    """Ready and due, or claimed under a lease that has expired."""
-    c = table.c
-    return sa.or_(sa.and_(c.state == State.READY.value, c.due_at <= now), _expired(table, now))
+        return claim(conn, table, claimer, now=now, limit=limit, stage=stage, roles=roles)
 
 
 def claim(conn: Connection, table: sa.Table, claimer: Claimer, *, now: float, limit: int,
-          where: Sequence[sa.ColumnElement[bool]] = ()) -> list[Row[tuple[object, ...]]]:
-    """Claim up to ``limit`` due rows, oldest first; park those that keep dying."""
-    c = table.c
-    expired = _expired(table, now)
-    conn.execute(
-        sa.update(table)
-        .where(expired, c.attempts >= claimer.max_attempts, *where)
-        .values(state=State.PARKED.value, lease_owner=None, lease_until=None, updated_at=now,
-                last_error=sa.func.coalesce(c.last_error, "")
-                + f" [parked: its lease expired {claimer.max_attempts} times; "
-                  "the process working on it died or hung]")
-    )
-    pick = (
-        sa.select(c.id).where(_due(table, now), *where).order_by(c.due_at, c.id).limit(limit)
-        .with_for_update(skip_locked=True).scalar_subquery()
-    )
-    rows = conn.execute(
-        sa.update(table).where(c.id.in_(pick))
-        .values(state=State.CLAIMED.value, lease_owner=claimer.owner,
-                lease_until=now + claimer.lease, attempts=c.attempts + 1, updated_at=now)
-        .returning(*c)
-    ).all()
+          stage: str | None = None, roles: Sequence[str] = ()) -> list[Row[tuple[object, ...]]]:
+    """Claim up to ``limit`` due rows (of ``stage`` and ``roles``, if given), oldest first;
+    park those that keep dying."""
+    statements = _claiming(table, stage, tuple(roles))
+    conn.execute(statements.park, {
+        "now": now, "max_attempts": claimer.max_attempts,
+        "note": f" [parked: its lease expired {claimer.max_attempts} times; "
+                "the process working on it died or hung]"})
+    rows = conn.execute(statements.claim, {
+        "now": now, "limit": limit, "owner": claimer.owner,
+        "until": now + claimer.lease}).all()
     return sorted(rows, key=lambda r: r.id)
+
+
+@dataclass(frozen=True)
+class _Claiming:
+    due: sa.Select[tuple[int]]
+    park: sa.Update
+    claim: ReturningUpdate[tuple[object, ...]]
+
+
+@functools.cache
+def _claiming(table: sa.Table, stage: str | None, roles: tuple[str, ...]) -> _Claiming:
+    """The statements of :func:`take` and :func:`claim` for one queue, built once: building
+    a statement costs several times what running it does."""
+    c = table.c
+    now: sa.BindParameter[float] = sa.bindparam("now")
+    where = [*([c.stage == stage] if stage is not None else []),
+             *([c.role.in_(roles)] if roles else [])]
+    expired = sa.and_(c.state == State.CLAIMED.value, c.lease_until < now)
+    due = sa.or_(sa.and_(c.state == State.READY.value, c.due_at <= now), expired)
+    pick = (
+        sa.select(c.id).where(due, *where).order_by(c.due_at, c.id)
+        .limit(sa.bindparam("limit")).with_for_update(skip_locked=True).scalar_subquery()
+    )
+    return _Claiming(
+        due=sa.select(c.id).where(due, *where).limit(1),
+        park=sa.update(table)
+        .where(expired, c.attempts >= sa.bindparam("max_attempts"), *where)
+        .values(state=State.PARKED.value, lease_owner=None, lease_until=None, updated_at=now,
+                last_error=sa.func.coalesce(c.last_error, "") + sa.bindparam("note")),
+        claim=sa.update(table).where(c.id.in_(pick))
+        .values(state=State.CLAIMED.value, lease_owner=sa.bindparam("owner"),
+                lease_until=sa.bindparam("until"), attempts=c.attempts + 1, updated_at=now)
+        .returning(*c),
+    )
 
 
 def owned(table: sa.Table, row_id: int, claimer: Claimer) -> sa.ColumnElement[bool]:
@@ -141,7 +156,8 @@ def held_by(table: sa.Table, claimer: Claimer) -> sa.ColumnElement[bool]:
 
 def complete(conn: Connection, table: sa.Table, row_id: int, claimer: Claimer) -> bool:
     """Delete a finished row; False if the lease had been lost (someone else has it)."""
-    return conn.execute(sa.delete(table).where(owned(table, row_id, claimer))).rowcount == 1
+    return conn.execute(_completing(table).one,
+                        {"id": row_id, "owner": claimer.owner}).rowcount == 1
 
 
 def complete_many(conn: Connection, table: sa.Table, row_ids: Iterable[int],
@@ -151,8 +167,24 @@ def complete_many(conn: Connection, table: sa.Table, row_ids: Iterable[int],
     ids = list(row_ids)
     if not ids:
         return set()
-    return set(conn.execute(sa.delete(table).where(
-        table.c.id.in_(ids), held_by(table, claimer)).returning(table.c.id)).scalars())
+    deleted = conn.execute(_completing(table).many, {"ids": ids, "owner": claimer.owner})
+    return {row.id for row in deleted}
+
+
+@dataclass(frozen=True)
+class _Completing:
+    one: sa.Delete
+    many: ReturningDelete[tuple[int]]
+
+
+@functools.cache
+def _completing(table: sa.Table) -> _Completing:
+    c = table.c
+    held = sa.and_(c.state == State.CLAIMED.value, c.lease_owner == sa.bindparam("owner"))
+    return _Completing(
+        one=sa.delete(table).where(c.id == sa.bindparam("id"), held),
+        many=sa.delete(table).where(c.id.in_(sa.bindparam("ids", expanding=True)), held)
+        .returning(c.id))
 
 
 def renew(conn: Connection, table: sa.Table, ids: Iterable[int], claimer: Claimer, *,

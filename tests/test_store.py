@@ -222,8 +222,7 @@ def test_store_claim_respects_extra_conditions(store: Store, clock: ManualClock)
     with store.write() as conn:
         mod = add_rows(conn, work, 2, due_at=now, stage="moderation")
         fan = add_rows(conn, work, 2, due_at=now, stage="fanout")
-        got = queue.claim(conn, work, claimer(), now=now, limit=10,
-                          where=[work.c.stage == "fanout"])
+        got = queue.claim(conn, work, claimer(), now=now, limit=10, stage="fanout")
     assert sorted(r.id for r in got) == sorted(fan)
     assert claim(store, work, claimer(), now) == sorted(mod)
 
@@ -351,14 +350,13 @@ def test_store_take_claims_due_rows_and_parks_like_claim(store: Store,
         mod = add_rows(conn, work, 2, due_at=now, stage="moderation")
         add_rows(conn, work, 1, due_at=now + 3600, stage="fanout")
         [dying] = add_rows(conn, work, 1, due_at=now, stage="fanout")
-    fanout = [work.c.stage == "fanout"]
     for attempt in range(1, MAX_ATTEMPTS + 1):
         got = queue.take(store, work, claimer(f"dies-{attempt}"), now=clock.now(), limit=10,
-                         where=fanout)
+                         stage="fanout")
         assert [r.id for r in got] == [dying]
         clock.advance(LEASE + 1)
     # Its lease expired again: the read finds it due, the claim parks it.
-    assert queue.take(store, work, claimer(), now=clock.now(), limit=10, where=fanout) == []
+    assert queue.take(store, work, claimer(), now=clock.now(), limit=10, stage="fanout") == []
     parked = row(store, work, dying)
     assert parked is not None and parked.state == State.PARKED.value
     assert sorted(r.id for r in queue.take(store, work, claimer(), now=clock.now(),
