@@ -111,6 +111,10 @@ class ContentCache:
             self._size -= len(gone.data) + len(gone.signed or b"")
 
 
+# Built once: building a statement costs several times what running it does.
+_CONTENTS = sa.select(contents.c.id, contents.c.data, contents.c.auth).where(
+    contents.c.id.in_(sa.bindparam("ids", expanding=True)))
+
 # Personal copies built and pipelined per round (see Delivery._send_each).
 COPIES_AT_ONCE = 10
 
@@ -207,9 +211,7 @@ class Delivery:
         missing = sorted({r.content_id for r in rows if self.cache.get(r.content_id) is None})
         if missing:
             with self.store.read() as conn:
-                for cid, data, auth in conn.execute(
-                        sa.select(contents.c.id, contents.c.data, contents.c.auth)
-                        .where(contents.c.id.in_(missing))):
+                for cid, data, auth in conn.execute(_CONTENTS, {"ids": missing}):
                     self.cache.put(cid, Content(data, results_from_json(auth) if auth else None))
         return [Job(r.id, r.content_id, r.kind, r.list_id, r.message_id, r.envelope_from,
                     tuple(r.recipients.split("\n")), r.tries, r.first_try_at, r.personalize)

@@ -16,6 +16,10 @@ from sqlalchemy.engine import Connection
 from gateway import promo
 from gateway.schema import list_models
 
+# Read for every post: built once (building a statement costs more than running it).
+_LIST_MODEL = sa.select(list_models.c.model, list_models.c.updated_at).where(
+    list_models.c.list_id == sa.bindparam("list_id"))
+
 
 class Models:
     """Merged models per list, cached by the time each list last learned."""
@@ -26,8 +30,7 @@ class Models:
         self._lock = threading.Lock()
 
     def for_list(self, conn: Connection, list_id: int) -> promo.Model:
-        row = conn.execute(sa.select(list_models.c.model, list_models.c.updated_at)
-                           .where(list_models.c.list_id == list_id)).first()
+        row = conn.execute(_LIST_MODEL, {"list_id": list_id}).first()
         if row is None:
             return self.base
         with self._lock:

@@ -38,8 +38,10 @@ from gateway.worker import Progress
 
 log = logging.getLogger(__name__)
 
+# Built once: building a statement costs several times what running it does.
 _RAW_AND_SENDER = sa.select(messages.c.raw, messages.c.mail_from).where(
-    messages.c.id == sa.bindparam("id"))  # built once: building costs more than running
+    messages.c.id == sa.bindparam("id"))
+_ADD_WORK = work.insert()
 
 # Outcomes committed per write transaction (see Moderation.run_once).
 OUTCOMES_PER_COMMIT = 4
@@ -190,7 +192,7 @@ class Moderation:
         reasons = "; ".join(decision.reasons) or "no rule objected"
         record(decision.action.value, lst.id, f"to {lst.address}: {reasons}")
         if decision.action is Action.ACCEPT:
-            conn.execute(work.insert().values(
+            conn.execute(_ADD_WORK, dict(
                 stage=Stage.FANOUT.value, message_id=item.message_id, list_id=lst.id,
                 role=Role.POST.value, address=lst.address, detail=None, cursor=None,
                 content_id=None, state=State.READY.value, attempts=0, due_at=now,
