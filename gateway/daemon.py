@@ -200,13 +200,15 @@ class Daemon:
             for _protocol, server in servers:
                 server.close()
             stopping.set()
+            if stages is not None:
+                stages.stop_scheduling()
             if web is not None:
                 await asyncio.to_thread(web.stop)
             # Every loop ends on `stopping` and is awaited, so no worker thread still holds
             # a store connection when the store is closed.
             await asyncio.gather(*tasks, *background, return_exceptions=True)
             if stages is not None:
-                await stages.stop()
+                await stages.finish()
             wakeups.close()
             log.info("stopped")
 

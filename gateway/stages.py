@@ -64,6 +64,7 @@ class Stages:
         self.models: learning.Models | None = None
         self._jobs: set[asyncio.Future[Progress]] = set()
         self._scheduler: AsyncIOScheduler | None = None
+        self._stopped = False
 
     async def check(self, store: Store, directory: Directory) -> None:
         """Before a socket is open: check every list domain's DKIM keys, and free the
@@ -146,14 +147,21 @@ class Stages:
         scheduler.start()
         return tasks
 
-    async def stop(self) -> None:
-        """No more periodic runs; wait for the ones under way (their threads use the store)."""
+    def stop_scheduling(self) -> None:
+        """No periodic run starts from now on, not even one the scheduler has already
+        handed to the event loop: called as soon as the daemon is asked to stop."""
+        self._stopped = True
         if self._scheduler is not None:
             self._scheduler.shutdown(wait=False)
+
+    async def finish(self) -> None:
+        """Wait for the periodic runs under way: their threads use the store."""
         await asyncio.gather(*self._jobs, return_exceptions=True)
 
     async def _periodic(self, job: RunOnce, wakeups: Wakeups) -> None:
         """One run of a periodic job, in a worker thread; awaited at shutdown."""
+        if self._stopped:  # a run that would start after the store is closed
+            return
         task = asyncio.ensure_future(asyncio.to_thread(job, Progress(on_wake=wakeups.notify)))
         self._jobs.add(task)
         task.add_done_callback(self._jobs.discard)

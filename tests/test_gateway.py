@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import email
 import email.policy
 import re
@@ -12,14 +13,17 @@ import pytest
 import sqlalchemy as sa
 
 from gateway import lists
-from gateway.clock import SystemClock
+from gateway.clock import ManualClock, SystemClock
 from gateway.config import load
 from gateway.dsn import signed_verp
 from gateway.schema import Mode, journal, work
 from gateway.signing import LinkSigner
+from gateway.stages import Stages
 from gateway.store import Store
+from gateway.tally import Tally
+from gateway.worker import Progress, Wakeups
 from tests.conftest import LIST, MEMBERS
-from tests.support import Sink, gateway, post, wait_until
+from tests.support import Sink, gateway, post, wait_until, write_config
 
 
 def parse(data: bytes) -> email.message.EmailMessage:
@@ -251,3 +255,26 @@ def test_gateway_without_smarthost_writes_each_copy_to_the_outbox(tmp_path: Path
     assert delivered_to == sorted(MEMBERS)
     assert not list((config_path.parent / "outbox" / "tmp").iterdir())
     _ = SystemClock
+
+
+@pytest.mark.parametrize("stopped", [False, True])
+def test_stages_start_no_periodic_run_once_the_daemon_stops(tmp_path: Path,
+                                                             stopped: bool) -> None:
+    """A periodic run that the scheduler handed to the event loop just before the daemon
+    was asked to stop does not start: its thread would use the store being closed."""
+    stages = Stages(load(write_config(tmp_path)), clock=ManualClock(), tally=Tally())
+    ran: list[int] = []
+
+    def job(progress: Progress) -> Progress:
+        ran.append(1)
+        return progress
+
+    async def handed_over() -> None:
+        wakeups = Wakeups(asyncio.get_running_loop())
+        if stopped:
+            stages.stop_scheduling()
+        await stages._periodic(job, wakeups)
+        await stages.finish()
+
+    asyncio.run(handed_over())
+    assert ran == ([] if stopped else [1])
