@@ -1,7 +1,8 @@
-"""The composition root: builds every part of the gateway, wires them, runs them.
+"""The composition root: builds every part of one gateway process, wires them, runs them.
 
 Nothing is registered at import time and there are no module-level singletons:
-the store, the route table, the stages and the listeners are made here, once.
+the store, the route table, the stages (through ``gateway.stages``, only in a process
+that runs them) and the listeners are made here, once.
 """
 
 from __future__ import annotations
