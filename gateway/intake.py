@@ -299,7 +299,28 @@ class _Limits:
 _NOT_ERRORS = (replies.TOO_MANY_RECIPIENTS[:9], replies.STORE_FAILED[:9], "421")
 
 
+# A path as nearly every client writes it: <dot-atom@domain>, then blanks and the rest.
+# For these the standard library's RFC 5322 parser (aiosmtpd's, which also builds a
+# typing.Protocol class on each call) gives the same address and rest; anything else
+# (quoted local parts, comments, <>, a bare address) still goes to it.
+_ATEXT = r"[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_PLAIN_PATH = re.compile(
+    rf"[ \t]*<({_ATEXT}(?:\.{_ATEXT})*@{_LABEL}(?:\.{_LABEL})*)>[ \t]*((?:[^ \t(].*)?)", re.S)
+
+
 class IntakeSMTP(_Limits, SMTP):
+    def _getaddr(self, arg: str) -> tuple[str | None, str | None]:
+        """The address of a MAIL or RCPT argument and the rest of it, as aiosmtpd's own
+        parser gives them, several times faster for the usual <local@domain> path."""
+        plain = _PLAIN_PATH.fullmatch(arg)
+        if plain is None:
+            return super()._getaddr(arg)
+        address, rest = plain.groups()
+        if self.local_part_limit and len(address.rpartition("@")[0]) > self.local_part_limit:
+            return None, None
+        return address, rest
+
     def __init__(self, handler: IntakeHandler, *, limiter: ConnectionLimiter, line_limit: int,
                  **kwargs: Any) -> None:
         self.limiter = limiter
