@@ -101,16 +101,14 @@ def open_batch(conn: Connection, lst: MailingList, *, now: float) -> Row[tuple[o
     return conn.execute(q.with_for_update()).one()
 
 
-def _readers(lst: MailingList) -> sa.ColumnElement[bool]:
+def _readers(list_id: int | sa.BindParameter[int]) -> sa.ColumnElement[bool]:
     """The condition for the list's members who get its digests."""
-    return sa.and_(members.c.list_id == lst.id, members.c.mode.in_(DIGEST_MODES),
+    return sa.and_(members.c.list_id == list_id, members.c.mode.in_(DIGEST_MODES),
                    members.c.enabled.is_(True))
 
 
 # Run for every post to a list: built once (building costs more than running it).
-_HAS_READERS = sa.select(members.c.id).where(
-    members.c.list_id == sa.bindparam("list_id"), members.c.mode.in_(DIGEST_MODES),
-    members.c.enabled.is_(True)).limit(1)
+_HAS_READERS = sa.select(members.c.id).where(_readers(sa.bindparam("list_id"))).limit(1)
 
 
 def add_post(conn: Connection, lst: MailingList, *, message_id: int, size: int,
@@ -287,7 +285,7 @@ class Digest:
             with self.store.write() as conn:
                 chunk = conn.execute(
                     sa.select(members.c.id, members.c.address, members.c.mode)
-                    .where(_readers(lst), members.c.id > cursor)
+                    .where(_readers(lst.id), members.c.id > cursor)
                     .order_by(members.c.id).limit(self.chunk)).all()
                 by_format: dict[str, list[str]] = {}
                 for m in chunk:

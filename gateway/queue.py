@@ -151,7 +151,11 @@ def owned(table: sa.Table, row_id: int, claimer: Claimer) -> sa.ColumnElement[bo
 
 def held_by(table: sa.Table, claimer: Claimer) -> sa.ColumnElement[bool]:
     """The condition that a row is claimed under ``claimer``'s lease."""
-    return sa.and_(table.c.state == State.CLAIMED.value, table.c.lease_owner == claimer.owner)
+    return _held(table, claimer.owner)
+
+
+def _held(table: sa.Table, owner: str | sa.BindParameter[str]) -> sa.ColumnElement[bool]:
+    return sa.and_(table.c.state == State.CLAIMED.value, table.c.lease_owner == owner)
 
 
 def complete(conn: Connection, table: sa.Table, row_id: int, claimer: Claimer) -> bool:
@@ -180,7 +184,7 @@ class _Completing:
 @functools.cache
 def _completing(table: sa.Table) -> _Completing:
     c = table.c
-    held = sa.and_(c.state == State.CLAIMED.value, c.lease_owner == sa.bindparam("owner"))
+    held = _held(table, sa.bindparam("owner"))
     return _Completing(
         one=sa.delete(table).where(c.id == sa.bindparam("id"), held),
         many=sa.delete(table).where(c.id.in_(sa.bindparam("ids", expanding=True)), held)

@@ -189,15 +189,12 @@ class Store:
             command.upgrade(self._alembic(), "head")
 
     def revisions(self) -> tuple[str | None, str]:
-        """(the database's revision, the newest this code knows), as Alembic reads them."""
-        from alembic.runtime.migration import MigrationContext
+        """(the database's revision, the newest this code knows, as Alembic finds it)."""
         from alembic.script import ScriptDirectory
 
         head = ScriptDirectory.from_config(self._alembic()).get_current_head()
         assert head is not None
-        with self._translate(), self.engine.connect() as conn:
-            current = MigrationContext.configure(conn).get_current_revision()
-        return current, head
+        return self.revision(), head
 
     def revision(self) -> str | None:
         """The database's revision (None: no schema yet), read without Alembic."""
