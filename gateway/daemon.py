@@ -226,12 +226,12 @@ class Daemon:
             hup.cancel()
             if stopping.is_set():
                 return
-            if reload.is_set():
-                reload.clear()
+            hupped = reload.is_set()
+            reload.clear()
+            if hupped and policies is not None:
                 try:
-                    if policies is not None:
-                        await asyncio.to_thread(policies.reload)
-                        log.info("SIGHUP: policies re-read from %s", policies.root)
+                    await asyncio.to_thread(policies.reload)
+                    log.info("SIGHUP: policies re-read from %s", policies.root)
                 except ConfigError as exc:
                     log.error("SIGHUP: policies NOT reloaded, the ones in force stay: %s", exc)
             try:

@@ -60,7 +60,8 @@ class Stages:
         self.batch: list[tuple[Stage, RunOnce]] = []
         self.periodic: list[tuple[RunOnce, float]] = []
         self.delivery: Delivery | None = None
-        self.keys: SigningKeys | None = None
+        self.keys = SigningKeys(config.dkim.directory, selector=config.dkim.selector,
+                                ed25519_selector=config.dkim.ed25519_selector, clock=clock)
         self.models: learning.Models | None = None
         self._jobs: set[asyncio.Future[Progress]] = set()
         self._scheduler: AsyncIOScheduler | None = None
@@ -69,14 +70,10 @@ class Stages:
     async def check(self, store: Store, directory: Directory) -> None:
         """Before a socket is open: check every list domain's DKIM keys, and free the
         leases of this host's processes that died."""
-        config = self.config
-        self.keys = keys = SigningKeys(
-            config.dkim.directory, selector=config.dkim.selector,
-            ed25519_selector=config.dkim.ed25519_selector, clock=self.clock)
         # A key that cannot be used (others can read it, it does not parse) stops the start
         # here, not each delivery later; a domain without a key is only logged.
         for domain in sorted(directory.domains):
-            await asyncio.to_thread(keys.for_domain, domain)
+            await asyncio.to_thread(self.keys.for_domain, domain)
         await asyncio.to_thread(_recover, store)
         self.models = learning.Models(await asyncio.to_thread(promo.load_model))
 
@@ -84,7 +81,7 @@ class Stages:
               templates: Templates, public_url: str, import_spool: bool) -> None:
         """Every stage; the spool's importer only if ``import_spool``."""
         config, clock, models = self.config, self.clock, self.models
-        assert models is not None and self.keys is not None, "check() first"
+        assert models is not None, "check() first"
         claimer = Claimer(queue.worker_identity(), config.queue.lease, config.queue.max_attempts)
         trusted = config.moderation.trusted_authserv_ids
         retry = config.queue.retry_delay

@@ -25,7 +25,7 @@ from urllib.parse import urlsplit
 
 from gateway.config import Config, load, parse_listener
 from gateway.errors import ConfigError, ListgateError
-from gateway.tally import SharedTally
+from gateway.tally import Tally
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +125,7 @@ class Supervisor:
         self._listeners: list[tuple[str, socket.socket]] = []
         self._inboxes: list[tuple[socket.socket, socket.socket]] = []
         self._workers = [_Worker(slot) for slot in range(processes)]
-        self._tally = SharedTally(processes)
+        self._tally = Tally(processes)
         self._stopping = False
         self._failed = False
         self._start_error = ""

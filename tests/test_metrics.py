@@ -9,7 +9,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.clock import ManualClock
-from gateway.tally import SharedTally, Tally
+from gateway.tally import Tally
 from tests.conftest import LIST, MEMBERS
 from tests.support import RunningGateway, Sink, gateway, post, wait_until
 
@@ -68,7 +68,7 @@ def test_shared_tally_sums_the_rows_of_forked_workers() -> None:
     """The workers of one `serve` count into memory shared with the supervisor: each
     adds to its own row, any of them reads the sum, and a worker started again in a
     slot goes on from what the one before it counted."""
-    tally = SharedTally(3)
+    tally = Tally(3)
 
     def worker(slot: int, counts: dict[str, int]) -> None:
         pid = os.fork()
