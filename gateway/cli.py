@@ -182,7 +182,7 @@ def _example(store: Store) -> None:
 @fail_cleanly
 def serve(obj: Context, processes: int | None) -> None:
     """Run the gateway until SIGTERM or Ctrl-C."""
-    from gateway.supervisor import announce, configure_logging
+    from gateway.supervisor import announce, configure_logging, pin_to_cpu
 
     config = obj.config()
     processes = processes or config.daemon.processes
@@ -198,6 +198,8 @@ def serve(obj: Context, processes: int | None) -> None:
     from gateway.daemon import Daemon
 
     configure_logging(config, processes)
+    if config.daemon.pin_cpus:
+        pin_to_cpu(0)
     daemon = Daemon(config)
     asyncio.run(daemon.run(ready=lambda: announce(config, daemon.bound), handle_signals=True))
 

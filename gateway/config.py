@@ -58,6 +58,11 @@ class DaemonConfig:
     # 1: intake and every stage in one process (one core). More: a supervisor starts
     # this many workers sharing the listening sockets and the store.
     processes: int = 1
+    # Bind each process that runs the gateway to one CPU of those it may use (worker k
+    # to the k-th, round robin; as nginx's worker_cpu_affinity auto). The threads of
+    # one process share one interpreter lock: spread over cores, they hand it across
+    # them, which cost a third of the stage worker's CPU here (bench/README.md).
+    pin_cpus: bool = True
 
 
 @dataclass(frozen=True)

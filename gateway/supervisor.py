@@ -53,6 +53,32 @@ def configure_logging(config: Config, processes: int) -> None:
     logging.getLogger("mail.log").setLevel(logging.WARNING)  # aiosmtpd's per-command chatter
 
 
+def pin_to_cpu(slot: int) -> int | None:
+    """Bind every thread of this process, and those it starts later, to one CPU of the
+    ones it may use: the ``slot``-th, round robin. The CPU, or None where that cannot
+    be done (no ``sched_setaffinity``, or the system refused it: a warning)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return None
+    allowed = sorted(os.sched_getaffinity(0))
+    cpu = allowed[slot % len(allowed)]
+    try:
+        threads = [int(tid) for tid in os.listdir("/proc/self/task")]
+    except OSError:
+        threads = [0]  # this thread only; the threads it starts inherit its CPU
+    try:
+        for tid in threads:
+            try:
+                os.sched_setaffinity(tid, {cpu})
+            except ProcessLookupError:
+                pass  # a thread that has ended since the listing
+    except OSError as exc:
+        log.warning("could not bind this process to CPU %d (%s); set [daemon] pin_cpus = "
+                    "false to stop trying", cpu, exc)
+        return None
+    log.info("bound to CPU %d", cpu)
+    return cpu
+
+
 def announce(config: Config, bound: Sequence[Bound]) -> None:
     """What `serve` prints on stdout once it is up: where it listens, where mail goes."""
     for b in bound:
@@ -223,6 +249,8 @@ class Supervisor:
 
         intake = slot == 0
         self._tally.slot = slot
+        if self.config.daemon.pin_cpus:
+            pin_to_cpu(slot)
         # The intake worker wakes the stage workers; stage workers wake each other.
         siblings = [pair[0] for i, pair in enumerate(self._inboxes) if i not in (0, slot)]
         daemon = Daemon(self.config, listeners=self._listeners if intake else [],

@@ -31,7 +31,8 @@ from gateway.schema import messages, outbound, work
 from gateway.spool import Spool, spooled
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS
-from tests.support import REPO, Sink, free_port, post, wait_until, write_config
+from tests.support import (REPO, GatewayProcess, Sink, free_port, post, wait_until,
+                           write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -171,6 +172,12 @@ def delivered_metric(serve: Serve) -> int:
     return int(float(found.group(1)))
 
 
+def cpus_of(pid: int) -> set[int]:
+    """The CPUs any thread of ``pid`` may run on."""
+    return {cpu for tid in os.listdir(f"/proc/{pid}/task")
+            for cpu in os.sched_getaffinity(int(tid))}
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -205,6 +212,10 @@ def test_processes_deliver_every_post_once_and_stop_on_sigterm(
     maps = {slot: Path(f"/proc/{pid}/maps").read_text() for slot, pid in workers.items()}
     assert "cryptography" not in maps[0]
     assert "cryptography" in maps[1]
+    # Each worker, every thread of it, is bound to a CPU of its own (round robin).
+    allowed = sorted(os.sched_getaffinity(0))
+    for slot, pid in workers.items():
+        assert cpus_of(pid) == {allowed[slot % len(allowed)]}, slot
 
     # SIGTERM with posts still arriving: everything stops, what got 250 is kept.
     more = [f"<mp.b{i}@example.net>" for i in range(150)]
@@ -362,3 +373,42 @@ def test_processes_bad_value_is_a_config_error(tmp_path: Path) -> None:
                             cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 1
     assert "[daemon] processes must be at least 1" in result.stderr
+
+
+PIN_THREADS = """
+import os, threading
+from gateway.supervisor import pin_to_cpu
+before = threading.Event()
+threading.Thread(target=before.wait, daemon=True).start()  # a thread started before
+cpu = pin_to_cpu(1)
+after = threading.Thread(target=lambda: print(sorted(os.sched_getaffinity(0))))
+after.start(); after.join()  # a thread started after
+print(cpu, sorted({c for t in os.listdir("/proc/self/task")
+                   for c in os.sched_getaffinity(int(t))}))
+"""
+
+
+def test_processes_pin_to_cpu_binds_every_thread_and_later_ones() -> None:
+    allowed = sorted(os.sched_getaffinity(0))
+    out = subprocess.run([sys.executable, "-c", PIN_THREADS], capture_output=True, text=True,
+                         check=True, cwd=REPO).stdout.splitlines()
+    cpu = allowed[1 % len(allowed)]
+    assert out == [f"[{cpu}]", f"{cpu} [{cpu}]"]
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+@pytest.mark.parametrize("pin", [True, False])
+def test_processes_one_process_serve_is_bound_to_one_cpu_unless_told_not_to(
+        tmp_path: Path, store: Store, store_url: str, pin: bool) -> None:
+    port = free_port()
+    config = write_config(tmp_path / "gw", listen=[f"smtp://127.0.0.1:{port}"],
+                          store_url=store_url,
+                          sections=f"[daemon]\npin_cpus = {str(pin).lower()}\n")
+    gateway = GatewayProcess(config).start(port)
+    try:
+        assert gateway.proc is not None
+        allowed = os.sched_getaffinity(0)
+        assert cpus_of(gateway.proc.pid) == ({min(allowed)} if pin else allowed)
+        assert ("bound to CPU" in gateway.log.read_text()) is pin
+    finally:
+        assert gateway.terminate() == 0
