@@ -31,8 +31,7 @@ from gateway.schema import messages, outbound, work
 from gateway.spool import Spool, spooled
 from gateway.store import Store
 from tests.conftest import LIST, MEMBERS
-from tests.support import (REPO, GatewayProcess, Sink, free_port, post, wait_until,
-                           write_config)
+from tests.support import REPO, GatewayProcess, Sink, free_port, post, wait_until, write_config
 
 pytestmark = pytest.mark.slow
 
