@@ -40,7 +40,9 @@ def normalise_domain(domain: str) -> str:
     """Lower-case a domain and check it is a host name (IDN as its ASCII form)."""
     domain = domain.rstrip(".").lower()
     try:
-        ascii_domain = domain.encode("idna").decode("ascii")
+        # An ASCII name is its own IDNA form (the codec only checks label lengths, as
+        # the label pattern below does), without the codec's cost.
+        ascii_domain = domain if domain.isascii() else domain.encode("idna").decode("ascii")
     except UnicodeError as exc:
         raise AddressError(f"{domain!r}: not a valid domain name") from exc
     labels = ascii_domain.split(".")

@@ -8,6 +8,7 @@ in a reserved suffix, so no address can mean two things.
 from __future__ import annotations
 
 import enum
+import functools
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -51,7 +52,12 @@ class Route:
 
     def match(self, local: str) -> re.Match[str] | None:
         # Suffixes match in any case; captures keep theirs (tokens are case-sensitive).
-        return re.fullmatch(self.pattern, local, re.IGNORECASE)
+        return _compiled(self.pattern).fullmatch(local)
+
+
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern[str]:
+    return re.compile(pattern, re.IGNORECASE)
 
 
 ROUTES: tuple[Route, ...] = (

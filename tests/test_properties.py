@@ -128,6 +128,27 @@ def test_properties_address_parsing_raises_only_address_errors(address: str) -> 
     assert normal.isascii() and not re.search(r"[\s\"%!:<>\x00-\x1f]", normal)
 
 
+@given(domain=st.one_of(st.text(st.characters(max_codepoint=127), max_size=80),
+                      DOMAIN, st.from_regex(r"\A[a-z0-9.-]{0,70}\Z")))
+def test_properties_ascii_domain_is_read_as_the_idna_codec_reads_it(domain: str) -> None:
+    """An ASCII domain skips the IDNA codec: the same name, or the same refusal."""
+    def through_codec(name: str) -> str:
+        name = name.rstrip(".").lower()
+        try:
+            encoded = name.encode("idna").decode("ascii")
+        except UnicodeError:
+            return "refused"
+        labels = encoded.split(".")
+        ok = len(labels) >= 2 and all(addresses._LABEL.fullmatch(label) for label in labels)
+        return encoded if ok else "refused"
+
+    try:
+        ours = addresses.normalise_domain(domain)
+    except AddressError:
+        ours = "refused"
+    assert ours == through_codec(domain)
+
+
 @pytest.mark.parametrize("address", ["bob\n@example.net", "discuss\n@example.org"])
 def test_properties_address_with_a_newline_in_it_is_refused(address: str) -> None:
     """Found by the property above: "bob\\n@example.net" normalises to itself."""
