@@ -305,6 +305,22 @@ def test_intake_idle_sessions_are_cut_at_the_timeout_and_free_their_slots(site: 
     assert greeting(site.port, ABUSER).startswith("220 ")
 
 
+def test_intake_each_command_moves_the_idle_deadline_on(site: Site) -> None:
+    """A session that keeps talking outlives the timeout (each command restarts it, the
+    timer set for the first deadline waits on); once quiet, it is cut a timeout later."""
+    with RawClient(site.port, source=GOOD) as client:
+        assert client.command(b"EHLO busy.example").startswith("250")
+        started = time.monotonic()
+        while time.monotonic() - started < 2.5 * TIMEOUT:
+            time.sleep(TIMEOUT / 4)
+            assert client.command(b"NOOP").startswith("250"), "cut while it was talking"
+        quiet = time.monotonic()
+        end = client.rest()
+        waited = time.monotonic() - quiet
+    assert end[-1].startswith("421 4.4.2"), end
+    assert TIMEOUT - 0.5 < waited < TIMEOUT + 3
+
+
 # -- slowloris ----------------------------------------------------------------------------
 
 def dribble(client: RawClient, data: bytes, *, every: float = 0.1) -> threading.Thread:
