@@ -17,6 +17,9 @@ from gateway import promo
 from gateway.schema import list_models
 
 # Read for every post: built once (building a statement costs more than running it).
+# The model itself (a list's word counts) is read only when the list has learned.
+_LEARNED_AT = sa.select(list_models.c.updated_at).where(
+    list_models.c.list_id == sa.bindparam("list_id"))
 _LIST_MODEL = sa.select(list_models.c.model, list_models.c.updated_at).where(
     list_models.c.list_id == sa.bindparam("list_id"))
 
@@ -30,13 +33,16 @@ class Models:
         self._lock = threading.Lock()
 
     def for_list(self, conn: Connection, list_id: int) -> promo.Model:
-        row = conn.execute(_LIST_MODEL, {"list_id": list_id}).first()
-        if row is None:
+        learned_at = conn.execute(_LEARNED_AT, {"list_id": list_id}).scalar()
+        if learned_at is None:
             return self.base
         with self._lock:
             cached = self._cache.get(list_id)
-            if cached is not None and cached[0] == row.updated_at:
+            if cached is not None and cached[0] == learned_at:
                 return cached[1]
+        row = conn.execute(_LIST_MODEL, {"list_id": list_id}).first()
+        if row is None:  # the list was deleted between the two reads
+            return self.base
         merged = self.base.merged(promo.Model.from_json(row.model))
         with self._lock:
             self._cache[list_id] = (row.updated_at, merged)

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from gateway import promo
+from gateway import learning, lists, promo
 from gateway.errors import ConfigError
+from gateway.store import Store
 from tests.support import CORPUS
 
 LABELED = CORPUS / "labeled"
@@ -696,3 +697,27 @@ def test_model_clue_table_follows_what_it_learns() -> None:
         model.learn(["cheap", "patch"], promotional=True)
     assert model.probability(["cheap", "patch"]) > before
     assert model.judge(["cheap"]).clues == ("cheap",)
+
+
+def test_models_per_list_read_the_list_model_only_when_it_has_learned(store: Store) -> None:
+    """A list that never learned scores with the shipped model; one that did, with the
+    merge, made once and kept until the list learns again (each post reads only when
+    the list last learned, not its counts)."""
+    base = promo.Model.empty()
+    models = learning.Models(base)
+    offer = mail("Buy now, limited offer.\n", subject="Offer")
+    with store.write() as conn:
+        lst = lists.create(conn, "promo@example.org", now=0.0)
+    with store.read() as conn:
+        assert models.for_list(conn, lst.id) is base
+    with store.write() as conn:
+        learning.learn(conn, lst.id, offer, promotional=True, now=10.0)
+    with store.read() as conn:
+        first = models.for_list(conn, lst.id)
+        assert first is not base and first.promotional == 1
+        assert models.for_list(conn, lst.id) is first  # cached: nothing learned since
+    with store.write() as conn:
+        learning.learn(conn, lst.id, offer, promotional=True, now=20.0)
+    with store.read() as conn:
+        again = models.for_list(conn, lst.id)
+    assert again is not first and again.promotional == 2
