@@ -411,3 +411,19 @@ def test_processes_one_process_serve_is_bound_to_one_cpu_unless_told_not_to(
         assert ("bound to CPU" in gateway.log.read_text()) is pin
     finally:
         assert gateway.terminate() == 0
+
+
+def test_processes_pin_to_cpu_refused_warns_and_goes_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Where the system refuses (a container without the capability, say): a warning
+    that says how to stop trying, and the gateway runs unbound."""
+    from gateway.supervisor import pin_to_cpu
+
+    def refuse(pid: int, cpus: object) -> None:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "sched_setaffinity", refuse)
+    with caplog.at_level("WARNING", logger="gateway.supervisor"):
+        assert pin_to_cpu(0) is None
+    assert "could not bind this process to CPU" in caplog.text
+    assert "pin_cpus = false" in caplog.text
