@@ -18,10 +18,9 @@ from gateway.schema import list_models
 
 # Read for every post: built once (building a statement costs more than running it).
 # The model itself (a list's word counts) is read only when the list has learned.
-_LEARNED_AT = sa.select(list_models.c.updated_at).where(
-    list_models.c.list_id == sa.bindparam("list_id"))
-_LIST_MODEL = sa.select(list_models.c.model, list_models.c.updated_at).where(
-    list_models.c.list_id == sa.bindparam("list_id"))
+_OF_LIST = list_models.c.list_id == sa.bindparam("list_id")
+_LEARNED_AT = sa.select(list_models.c.updated_at).where(_OF_LIST)
+_LIST_MODEL = sa.select(list_models.c.model, list_models.c.updated_at).where(_OF_LIST)
 
 
 class Models:
