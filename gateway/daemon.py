@@ -107,7 +107,8 @@ class Daemon:
         spool = None
         try:
             spool = await asyncio.to_thread(
-                functools.partial(Spool.beside, store, create=self.spool_intake))
+                functools.partial(Spool.beside, store, create=self.spool_intake,
+                                  importing=self.run_stages))
             await self._run(store, spool, stages, templates, signer, stopping,
                             reload_requested, ready)
         finally:

@@ -147,9 +147,17 @@ class Spool:
     """The spool file: posts appended by intake, read and deleted by the importer.
 
     One connection per process, used by one thread at a time (a lock): appends,
-    reads and deletes are each a few hundred microseconds."""
+    reads and deletes are each a few hundred microseconds.
 
-    def __init__(self, path: Path) -> None:
+    Appends are fsync'd before their 250 (``synchronous=FULL``); deletions are not
+    (``forget``): one lost in a crash leaves a post in both files, which the next
+    import finds in the store and only deletes. So the importer holds the file's one
+    write lock for microseconds, not an fsync, and intake's next append seldom waits
+    behind it. Only the importer's connection (``importing``) runs the WAL's
+    checkpoints (copying the log into the file, and an fsync): intake's never does in
+    the middle of a commit its clients wait for."""
+
+    def __init__(self, path: Path, *, importing: bool = False) -> None:
         self.path = path
         self._lock = threading.Lock()
         try:
@@ -157,18 +165,22 @@ class Spool:
                                          isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
+            self._synchronous = "FULL"
+            if not importing:
+                self._conn.execute("PRAGMA wal_autocheckpoint=0")
             self._conn.execute(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the intake spool {path}: {exc}") from exc
 
     @classmethod
-    def beside(cls, store: Store, *, create: bool = True) -> Spool | None:
+    def beside(cls, store: Store, *, create: bool = True,
+               importing: bool = False) -> Spool | None:
         """The spool of a SQLite store (without ``create``, only if its file exists);
         None for PostgreSQL, which needs none."""
         path = spool_path(store.url) if store.is_sqlite else None
         if path is None or not (create or path.exists()):
             return None
-        return cls(path)
+        return cls(path, importing=importing)
 
     def number_after(self, highest: int) -> None:
         """Number the next post above ``highest`` (the store's highest message id)."""
@@ -193,8 +205,9 @@ class Spool:
         return [Spooled(int(r[0]), _post(r[1:])) for r in rows]
 
     def forget(self, seqs: Iterable[int]) -> None:
+        """Delete imported posts, without an fsync (see the class)."""
         numbers = [(seq,) for seq in seqs]
-        with self._transaction() as conn:
+        with self._transaction(synchronous="NORMAL") as conn:
             conn.executemany("DELETE FROM posts WHERE seq = ?", numbers)
 
     def depth(self) -> int:
@@ -206,9 +219,13 @@ class Spool:
             self._conn.close()
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the lock; rolled back on any error."""
+    def _transaction(self, synchronous: str = "FULL") -> Iterator[sqlite3.Connection]:
+        """``BEGIN IMMEDIATE`` ... ``COMMIT`` under the lock; rolled back on any error.
+        The commit fsyncs unless ``synchronous`` is "NORMAL"."""
         with self._lock, _translated(self.path):
+            if self._synchronous != synchronous:
+                self._conn.execute(f"PRAGMA synchronous={synchronous}")
+                self._synchronous = synchronous
             self._conn.execute("BEGIN IMMEDIATE")
             try:
                 yield self._conn

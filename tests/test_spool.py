@@ -115,6 +115,43 @@ def test_importer_moves_posts_under_their_spool_numbers_with_their_work_rows(
     assert again.append([a_post(3)]) == [ids[1] + 1]
 
 
+def synchronous(spool: Spool) -> int:
+    """The spool connection's fsync setting: 2 FULL (each commit), 1 NORMAL (none)."""
+    return int(spool._conn.execute("PRAGMA synchronous").fetchone()[0])
+
+
+def test_spool_fsyncs_appends_and_not_what_the_importer_forgets(
+        sqlite_store: Store, spool: Spool) -> None:
+    """A post is on disk before its 250; a deletion lost in a crash only leaves a post
+    in both files, which the next import finds (the test after the next)."""
+    assert synchronous(spool) == 2
+    ids = spool.append([a_post(1), a_post(2)])
+    spool.forget(ids[:1])
+    assert synchronous(spool) == 1
+    more = spool.append([a_post(3)])  # fsync'd again, after a deletion that was not
+    assert synchronous(spool) == 2
+    assert [s.seq for s in spool.oldest(10)] == [ids[1], *more]
+
+
+def test_spool_checkpoints_only_on_the_importers_connection(sqlite_store: Store) -> None:
+    """Intake's commits never stop to copy the log into the file (and fsync it): its
+    connection leaves the WAL alone, the importer's checkpoints it."""
+    intake = Spool.beside(sqlite_store)
+    importer = Spool.beside(sqlite_store, importing=True)
+    assert intake is not None and importer is not None
+    path = spool_path(sqlite_store.url)
+    assert path is not None
+    wal = path.with_name(path.name + "-wal")
+    big = Post(**{**a_post(0).__dict__, "raw": b"x" * 20_000})
+    before = path.stat().st_size
+    ids = [qid for _ in range(30) for qid in intake.append([big] * 10)]  # ~6 MB, 1,500 pages
+    assert wal.stat().st_size > 5_000_000
+    assert path.stat().st_size == before  # nothing copied in: no checkpoint ran
+    importer.forget(ids[:1])  # a commit past the WAL's 1,000 pages: it checkpoints
+    assert path.stat().st_size > 5_000_000
+    assert [s.seq for s in importer.oldest(1)] == [ids[1]]
+
+
 def test_importer_takes_a_batch_at_a_time_oldest_first(
         sqlite_store: Store, spool: Spool) -> None:
     ids = spool.append([a_post(n) for n in range(5)])
