@@ -63,6 +63,10 @@ class DaemonConfig:
     # one process share one interpreter lock: spread over cores, they hand it across
     # them, which cost a third of the stage worker's CPU here (bench/README.md).
     pin_cpus: bool = True
+    # With processes >= 2, the workers that run the stages are this much nicer (0-19)
+    # than intake: when the CPUs are short, the sessions handing posts in (and the MTA
+    # on either side) go first, and fan-out catches up after. 0: all alike.
+    stage_nice: int = 10
 
 
 @dataclass(frozen=True)
@@ -375,6 +379,9 @@ def _check(config: Config, where: str) -> None:
     for key, value in positive.items():
         if value < 1:
             raise ConfigError(f"{where}: {key} must be at least 1, not {value}")
+    if not 0 <= config.daemon.stage_nice <= 19:
+        raise ConfigError(f"{where}: [daemon] stage_nice must be from 0 to 19, "
+                          f"not {config.daemon.stage_nice}")
     if config.intake.max_line_length < 1000:
         raise ConfigError(f"{where}: [intake] max_line_length must be at least 1000 (RFC 5321)")
     if config.queue.lease < 1:

@@ -79,6 +79,18 @@ def pin_to_cpu(slot: int) -> int | None:
     return cpu
 
 
+def be_nicer(nice: int) -> None:
+    """Lower this process's priority by ``nice`` (the threads it starts later inherit
+    it; call it before any). A warning if the system refuses."""
+    try:
+        os.nice(nice)
+    except OSError as exc:
+        log.warning("could not lower this process's priority (%s); set [daemon] "
+                    "stage_nice = 0 to stop trying", exc)
+        return
+    log.info("running at nice %d", os.getpriority(os.PRIO_PROCESS, 0))
+
+
 def announce(config: Config, bound: Sequence[Bound]) -> None:
     """What `serve` prints on stdout once it is up: where it listens, where mail goes."""
     for b in bound:
@@ -251,6 +263,8 @@ class Supervisor:
         self._tally.slot = slot
         if self.config.daemon.pin_cpus:
             pin_to_cpu(slot)
+        if not intake and self.config.daemon.stage_nice:
+            be_nicer(self.config.daemon.stage_nice)  # intake's sessions go first
         # The intake worker wakes the stage workers; stage workers wake each other.
         siblings = [pair[0] for i, pair in enumerate(self._inboxes) if i not in (0, slot)]
         daemon = Daemon(self.config, listeners=self._listeners if intake else [],

@@ -168,6 +168,8 @@ def test_config_wrong_type_names_the_key(tmp_path: Path, text: str, key: str,
     ('[queue]\nlease = "500ms"\n', "[queue] lease"),
     ('[log]\nlevel = "LOUD"\n', "[log] level"),
     ('[store]\nurl = "mysql://db/listgate"\n', "[store] url"),
+    ("[daemon]\nstage_nice = 20\n", "[daemon] stage_nice"),
+    ("[daemon]\nstage_nice = -5\n", "[daemon] stage_nice"),
 ])
 def test_config_bad_value_names_the_key(tmp_path: Path, text: str, key: str) -> None:
     with pytest.raises(ConfigError) as info:

@@ -177,6 +177,15 @@ def cpus_of(pid: int) -> set[int]:
             for cpu in os.sched_getaffinity(int(tid))}
 
 
+def nices_of(pid: int) -> set[int]:
+    """The nice values of the threads of ``pid`` (field 19 of each thread's stat)."""
+    found = set()
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{tid}/stat") as f:
+            found.add(int(f.read().rsplit(")", 1)[1].split()[16]))
+    return found
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -215,6 +224,9 @@ def test_processes_deliver_every_post_once_and_stop_on_sigterm(
     allowed = sorted(os.sched_getaffinity(0))
     for slot, pid in workers.items():
         assert cpus_of(pid) == {allowed[slot % len(allowed)]}, slot
+    # The stage worker, every thread of it, yields the CPU to intake's (stage_nice).
+    assert nices_of(workers[0]) == {0}
+    assert nices_of(workers[1]) == {10}
 
     # SIGTERM with posts still arriving: everything stops, what got 250 is kept.
     more = [f"<mp.b{i}@example.net>" for i in range(150)]
@@ -411,6 +423,34 @@ def test_processes_one_process_serve_is_bound_to_one_cpu_unless_told_not_to(
         assert ("bound to CPU" in gateway.log.read_text()) is pin
     finally:
         assert gateway.terminate() == 0
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_processes_stage_nice_zero_runs_every_worker_alike(
+        tmp_path: Path, store: Store, store_url: str) -> None:
+    config = write_config(tmp_path / "gw", listen=[f"smtp://127.0.0.1:{free_port()}"],
+                          store_url=store_url,
+                          sections="[daemon]\nprocesses = 2\nstage_nice = 0\n")
+    serve = Serve(config).start()
+    try:
+        assert [nices_of(pid) for _slot, pid in sorted(serve.workers().items())] == [{0}, {0}]
+        assert "running at nice" not in serve.text()
+    finally:
+        assert serve.terminate() == 0
+
+
+def test_processes_be_nicer_refused_warns_and_goes_on(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from gateway.supervisor import be_nicer
+
+    def refuse(increment: int) -> int:
+        raise PermissionError(1, "Operation not permitted")
+
+    monkeypatch.setattr(os, "nice", refuse)
+    with caplog.at_level("WARNING", logger="gateway.supervisor"):
+        be_nicer(10)
+    assert "could not lower this process's priority" in caplog.text
+    assert "stage_nice = 0" in caplog.text
 
 
 def test_processes_pin_to_cpu_refused_warns_and_goes_on(
