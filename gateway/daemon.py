@@ -134,7 +134,7 @@ class Daemon:
                               on_commit=lambda stages: wakeups.notify(*stages),
                               spool=spool if self.spool_intake else None)
         handler = IntakeHandler(directory.router(), writer, clock=self.clock,
-                                config=config.intake)
+                                config=config.intake, refresh=directory.refresh)
         limiter = ConnectionLimiter(total=config.intake.max_connections,
                                     per_ip=config.intake.max_connections_per_ip)
         servers = []

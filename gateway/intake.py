@@ -29,7 +29,7 @@ from gateway.clock import Clock
 from gateway.config import IntakeConfig
 from gateway.errors import StoreError
 from gateway.message import split
-from gateway.routing import Hit, Role, Router, Stage
+from gateway.routing import Hit, Miss, Role, Router, Stage
 from gateway.spool import Post, Spool, Target, insert_posts
 from gateway.store import Store
 
@@ -47,6 +47,11 @@ MAX_ERRORS = 20
 # The largest header section taken (no real message comes near: the largest in the
 # shared corpus, a parser torture test, has 210 KB). Past it: 552, nothing stored.
 MAX_HEADER_SIZE = 256 * 1024
+
+# A RCPT for no known list re-reads the lists first, at most this often (seconds): a
+# list created a moment ago is served at once, and a harvester's guesses cost one
+# small read a second.
+MISS_REFRESH = 1.0
 
 # Replies of the limits above (the rest are in gateway.replies).
 BAD_SENDER = ("553 5.1.7 <{address}>: the sender must be a whole address (local@domain), "
@@ -191,11 +196,16 @@ class IntakeHandler:
     """The aiosmtpd handler: RCPT checks routes, DATA stores and replies."""
 
     def __init__(self, router: Router, writer: IntakeWriter, *, clock: Clock,
-                 config: IntakeConfig) -> None:
+                 config: IntakeConfig, refresh: Callable[[], None] | None = None) -> None:
         self.router = router
         self.writer = writer
         self.clock = clock
         self.config = config
+        # The directory's refresh: a list created a moment ago (by the CLI, by another
+        # gateway) is not in the router's snapshot until the next periodic refresh.
+        self._refresh = refresh
+        self._refreshing: asyncio.Future[None] | None = None
+        self._refreshed_at = float("-inf")
         self._hits: weakref.WeakKeyDictionary[Envelope, list[Hit]] = weakref.WeakKeyDictionary()
         # aiosmtpd logs some of a client's text with %s (an unrecognised command, an
         # address): escape it there too.
@@ -220,7 +230,7 @@ class IntakeHandler:
         hits = self._hits.setdefault(envelope, [])
         if len(envelope.rcpt_tos) >= self.config.max_recipients:
             return replies.TOO_MANY_RECIPIENTS
-        found = self.router.resolve(address)
+        found = await self._resolve(address)
         if not isinstance(found, Hit):
             log.info("refused rcpt=<%s> from=<%s> peer=%s: %s", printable(address),
                      printable(envelope.mail_from or ""), _peer(session), printable(found.reason))
@@ -230,6 +240,26 @@ class IntakeHandler:
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return replies.OK_RECIPIENT
+
+    async def _resolve(self, address: str) -> Hit | Miss:
+        """The route of ``address``. Before a miss becomes a 550 (the sender's MTA gives
+        the message up), the lists are read again: at most once a MISS_REFRESH, all the
+        sessions that miss meanwhile waiting for the same read."""
+        found = self.router.resolve(address)
+        if isinstance(found, Hit) or self._refresh is None:
+            return found
+        now = asyncio.get_running_loop().time()
+        if self._refreshing is None or (self._refreshing.done()
+                                        and now - self._refreshed_at >= MISS_REFRESH):
+            self._refreshed_at = now
+            self._refreshing = asyncio.ensure_future(asyncio.to_thread(self._refresh))
+        try:
+            await asyncio.shield(self._refreshing)
+        except Exception as exc:  # the snapshot in hand stays; this address is refused
+            log.warning("re-reading the lists for rcpt=<%s> failed: %s", printable(address),
+                        exc)
+            return found
+        return self.router.resolve(address)
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         hits = tuple(self._hits.get(envelope, ()))

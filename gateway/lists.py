@@ -354,8 +354,9 @@ def senders_with(conn: Connection, list_id: int, *, trusted: bool | None = None,
 class Directory:
     """An in-memory snapshot of which lists exist, so RCPT needs no database I/O.
 
-    Refreshed by the daemon every few seconds; a list created by the CLI is
-    routable within that time.
+    Refreshed by the daemon every few seconds, and by intake before it refuses a
+    recipient it does not know (at most once a second): a list created by the CLI is
+    routable at once.
     """
 
     def __init__(self, store: Store) -> None:

@@ -7,15 +7,18 @@ import email
 import email.policy
 import re
 import smtplib
+import time
 from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from aiosmtpd.smtp import Envelope, Session
 
 from gateway import lists
 from gateway.clock import ManualClock, SystemClock
 from gateway.config import load
 from gateway.dsn import signed_verp
+from gateway.intake import MISS_REFRESH, IntakeHandler, IntakeWriter
 from gateway.schema import Mode, journal, work
 from gateway.signing import LinkSigner
 from gateway.stages import Stages
@@ -224,20 +227,64 @@ def test_gateway_empty_message_gets_a_clear_error(config_path: Path) -> None:
         assert info.value.smtp_code == 554
 
 
-def test_gateway_new_list_is_routable_without_restart(config_path: Path, store: Store,
-                                                      sink: Sink) -> None:
+def test_gateway_new_list_is_routable_at_once_without_restart(config_path: Path, store: Store,
+                                                              sink: Sink) -> None:
+    """A RCPT the snapshot of lists does not know re-reads the lists before its 550: a
+    list created a moment ago takes its first post, not a bounce."""
     with gateway(config_path) as gw:
+        with gw.smtp() as client:  # an unknown list is refused, as ever
+            client.ehlo()
+            client.mail(MEMBERS[0])
+            assert client.rcpt("fresh@example.org")[0] == 550
+        time.sleep(MISS_REFRESH)  # the re-read after that miss is no longer recent
         with store.write() as conn:
             lst = lists.create(conn, "fresh@example.org", now=0)
             lists.add_member(conn, lst, MEMBERS[0], now=0)
-        def routable() -> bool:
-            with gw.smtp() as client:
-                client.ehlo()
-                client.mail(MEMBERS[0])
-                return client.rcpt("fresh@example.org")[0] == 250
-        wait_until(routable, timeout=15, what="the directory refresh")
         gw.send(MEMBERS[0], "fresh@example.org", post(MEMBERS[0], "fresh@example.org", "hi"))
         sink.wait_for(1)
+
+
+def test_gateway_unknown_recipients_re_read_the_lists_at_most_once_a_second(
+        store: Store) -> None:
+    """A harvester's guesses cost one read of the lists a second, however many come."""
+    with store.write() as conn:
+        lists.create(conn, "known@example.org", now=0)
+    directory = lists.Directory(store)
+    directory.refresh()
+    reads: list[float] = []
+
+    def refresh() -> None:
+        reads.append(time.monotonic())
+        directory.refresh()
+
+    config = load(None).intake
+    writer = IntakeWriter(store, clock=SystemClock(), batch=10, on_commit=lambda stages: None)
+    handler = IntakeHandler(directory.router(), writer, clock=SystemClock(), config=config,
+                            refresh=refresh)
+
+    async def guesses(n: int) -> list[str]:
+        replies = []
+        for i in range(n):
+            envelope = Envelope()
+            envelope.mail_from = MEMBERS[0]
+            replies.append(await handler.handle_RCPT(None, Session(asyncio.get_running_loop()),
+                                                     envelope, f"guess{i}@example.org", []))
+        return replies
+
+    async def run() -> tuple[list[str], list[str]]:
+        burst = await asyncio.gather(*(guesses(20) for _ in range(5)))
+        await asyncio.sleep(MISS_REFRESH)
+        return [r for replies in burst for r in replies], await guesses(5)
+
+    first, later = asyncio.run(run())
+    assert len(first) == 100 and all(r.startswith("550") for r in first + later)
+    assert len(reads) == 2  # one for the burst, one after a second had passed
+    assert reads[1] - reads[0] >= MISS_REFRESH
+    # A list that exists is found with no read at all.
+    found = asyncio.run(handler.handle_RCPT(None, Session(None), Envelope(),
+                                            "known@example.org", []))
+    assert found.startswith("250"), found
+    assert len(reads) == 2
 
 
 def test_gateway_without_smarthost_writes_each_copy_to_the_outbox(tmp_path: Path,
