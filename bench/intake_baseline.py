@@ -222,6 +222,10 @@ def main() -> int:
 
     lg_med = median([p for p, _ in runs["listgate"]])
     bare_med = median([p for p, _ in runs["bare"]])
+    # Each repeat runs the two back to back: the ratio within a repeat cancels the
+    # machine's slower and faster minutes, which the medians of each side do not.
+    paired = [lg / bare for (lg, _), (bare, _) in zip(runs["listgate"], runs["bare"],
+                                                      strict=True)]
     result: dict[str, Any] = {
         "params": {"client": f"smtp-source -d -s {a.sessions} -m {a.posts} -l {a.size}",
                    "repeats": a.repeats, "list_members": 1,
@@ -232,13 +236,8 @@ def main() -> int:
         "listgate_median": round(lg_med, 1),
         "bare_median": round(bare_med, 1),
         "ratio_listgate_bare": round(lg_med / bare_med, 3),
-        # Each repeat runs the two back to back: the ratio within a repeat cancels the
-        # machine's slower and faster minutes, which the medians of each side do not.
-        "paired_ratios": [round(lg / bare, 3) for (lg, _), (bare, _)
-                          in zip(runs["listgate"], runs["bare"], strict=True)],
-        "paired_ratio_median": round(median([lg / bare for (lg, _), (bare, _)
-                                             in zip(runs["listgate"], runs["bare"],
-                                                    strict=True)]), 3),
+        "paired_ratios": [round(x, 3) for x in paired],
+        "paired_ratio_median": round(median(paired), 3),
         "client_cpu_s_median": {"listgate": round(median([c for _, c in runs["listgate"]]), 3),
                                 "bare": round(median([c for _, c in runs["bare"]]), 3)},
         "ceiling_rcpts_per_s": [round(x) for x in ceil_runs],
