@@ -177,13 +177,17 @@ def cpus_of(pid: int) -> set[int]:
             for cpu in os.sched_getaffinity(int(tid))}
 
 
+def stat_fields(path: str) -> list[str]:
+    """The fields of a /proc stat file after the command name (which may hold blanks
+    and parentheses): [0] is field 3, the state."""
+    with open(path) as f:
+        return f.read().rsplit(")", 1)[1].split()
+
+
 def nices_of(pid: int) -> set[int]:
     """The nice values of the threads of ``pid`` (field 19 of each thread's stat)."""
-    found = set()
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{tid}/stat") as f:
-            found.add(int(f.read().rsplit(")", 1)[1].split()[16]))
-    return found
+    return {int(stat_fields(f"/proc/{pid}/task/{tid}/stat")[16])
+            for tid in os.listdir(f"/proc/{pid}/task")}
 
 
 def alive(pid: int) -> bool:
@@ -191,8 +195,7 @@ def alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    with open(f"/proc/{pid}/stat") as f:  # a zombie is dead too
-        return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    return stat_fields(f"/proc/{pid}/stat")[0] != "Z"  # a zombie is dead too
 
 
 @pytest.mark.parametrize("store_url", [
