@@ -94,6 +94,15 @@ def test_spool_numbers_posts_above_the_stores_highest_id_and_keeps_them_in_order
     assert spool.depth() == 3
 
 
+def test_spool_numbers_a_batch_larger_than_one_statement_in_order_and_never_reuses_one(
+        spool: Spool) -> None:
+    batch = [a_post(n, lists=(1, 2) if n % 3 else (1,)) for n in range(250)]
+    assert spool.append(batch) == list(range(1, 251))  # a fresh spool starts at 1
+    assert [(s.seq, s.post) for s in spool.oldest(300)] == list(enumerate(batch, start=1))
+    spool.forget(range(1, 251))
+    assert spool.append([a_post(7)]) == [251]  # the highest number gone, not given again
+
+
 def test_importer_moves_posts_under_their_spool_numbers_with_their_work_rows(
         sqlite_store: Store, spool: Spool) -> None:
     spool.number_after(highest_message_id(sqlite_store))
