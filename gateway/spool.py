@@ -265,23 +265,23 @@ def _insert(conn: sqlite3.Connection, posts: Sequence[Post]) -> list[int]:
     start = conn.execute(_NEXT_SEQ).fetchone()[0]
     seqs = list(range(start + 1, start + 1 + len(posts)))
     for at in range(0, len(posts), _ROWS_PER_INSERT):  # under SQLite's limit of parameters
-        rows = zip(seqs[at:at + _ROWS_PER_INSERT], posts[at:at + _ROWS_PER_INSERT], strict=True)
-        values = [value for seq, p in rows
+        chunk = posts[at:at + _ROWS_PER_INSERT]
+        values = [value for seq, p in zip(seqs[at:], chunk, strict=False)
                   for value in (seq, p.received_at, p.mail_from, _targets_json(p.targets),
                                 p.peer, p.helo, p.protocol, p.message_id, p.raw)]
-        conn.execute(_insert_statement(len(values) // 9), values)
+        conn.execute(_insert_statement(len(chunk)), values)
     return seqs
 
 
 _ROWS_PER_INSERT = 100
-# AUTOINCREMENT keeps sqlite_sequence at or above every number ever given.
-_NEXT_SEQ = ("SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'posts'), "
-             "(SELECT max(seq) FROM posts), 0)")
+# AUTOINCREMENT keeps sqlite_sequence at or above every number ever given (no row yet:
+# no post was ever appended).
+_NEXT_SEQ = "SELECT COALESCE((SELECT seq FROM sqlite_sequence WHERE name = 'posts'), 0)"
 
 
 @functools.cache  # rows <= _ROWS_PER_INSERT
 def _insert_statement(rows: int) -> str:
-    one = "(" + ", ".join("?" * 9) + ")"
+    one = "(" + ", ".join("?" * (_COLUMNS.count(",") + 2)) + ")"  # seq and _COLUMNS
     return f"INSERT INTO posts (seq, {_COLUMNS}) VALUES " + ", ".join([one] * rows)
 
 
