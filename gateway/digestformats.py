@@ -27,7 +27,15 @@ from gateway import headers as h
 from gateway.decorate import list_fields, message_id_for
 from gateway.errors import ConfigError
 from gateway.identity import ListIdentity
-from gateway.message import CRLF, Parts, decode_header, make_field, parse, split
+from gateway.message import (
+    CRLF,
+    Parts,
+    content_charset,
+    decode_header,
+    make_field,
+    parse,
+    split,
+)
 from gateway.signing import DEFANGED, PLACEHOLDER
 from gateway.templates import Templates
 
@@ -285,7 +293,7 @@ def _walk(part: email.message.Message, texts: list[str], attachments: list[str],
     broken = part.get_content_maintype() == "multipart"
     if (ctype in ("text/plain", "text/html") or broken) and disposition != "attachment":
         data = part.get_payload(decode=True)
-        content = _decode(data if isinstance(data, bytes) else b"", part.get_content_charset())
+        content = _decode(data if isinstance(data, bytes) else b"", content_charset(part))
         texts.append(html_to_text(content) if ctype == "text/html" else content)
         return
     attachments.append(_describe(part, ctype))

@@ -57,7 +57,7 @@ from flufl.bounce import all_failures
 from gateway import addresses
 from gateway import headers as h
 from gateway.errors import AddressError
-from gateway.message import decode_header, parse
+from gateway.message import content_charset, decode_header, parse
 from gateway.signing import LinkSigner
 
 log = logging.getLogger(__name__)
@@ -495,7 +495,7 @@ def _decoded(part: email.message.Message) -> str:
         return payload if isinstance(payload, str) else ""
     charset = "utf-8"
     try:
-        charset = str(part.get_content_charset() or "utf-8")
+        charset = content_charset(part) or "utf-8"
         return data.decode(charset, "replace")
     except (LookupError, UnicodeError, ValueError):
         return data.decode("utf-8", "replace")

@@ -206,6 +206,16 @@ def parse(raw: bytes) -> email.message.Message:
     return email.message_from_bytes(raw, policy=email.policy.compat32)
 
 
+def content_charset(part: email.message.Message) -> str | None:
+    """The charset ``part`` declares, lower-cased, or None: also when the parameter
+    cannot be read, which the stdlib's ``get_content_charset`` raises ValueError on (an
+    RFC 2231 ``charset*=`` whose own charset has a NUL in its name)."""
+    try:
+        return part.get_content_charset()
+    except ValueError:
+        return None
+
+
 @dataclass(frozen=True)
 class ContentType:
     maintype: str

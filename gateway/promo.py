@@ -47,7 +47,7 @@ from urllib.parse import urlsplit
 
 from gateway import headers as h
 from gateway.errors import ConfigError
-from gateway.message import decode_header, parse, split
+from gateway.message import content_charset, decode_header, parse, split
 
 DEFAULT_MODEL_PATH = Path(__file__).resolve().parent / "data" / "promo_model.json"
 MODEL_FORMAT = "listgate-promo-model"
@@ -405,7 +405,7 @@ def _part_text(part: email.message.Message) -> str:
     if undeclared and len(_QP_ESCAPE.findall(data, 0, 4096)) >= 8:
         # Quoted-printable sent without saying so: what a mail client would still show.
         data = quopri.decodestring(data)
-    return _decode(data[: MAX_PART_CHARS * 2], part.get_content_charset())[:MAX_PART_CHARS]
+    return _decode(data[: MAX_PART_CHARS * 2], content_charset(part))[:MAX_PART_CHARS]
 
 
 _BASE64_LINE = re.compile(rb"[A-Za-z0-9+/]*=*")

@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from email.message import Message
 
-from gateway.message import decode_header, parse
+from gateway.message import content_charset, decode_header, parse
 
 _REPLY_PREFIX = re.compile(r"^\s*((re|aw|sv|fw|fwd|wg|antw)\s*(\[\d+\])?\s*:\s*)+", re.IGNORECASE)
 _LIST_PREFIX = re.compile(r"^\s*\[[^\]]{1,64}\]\s*")
@@ -101,7 +101,7 @@ def _decoded(part: Message) -> str:
     payload = part.get_payload(decode=True)
     if not isinstance(payload, bytes):
         return ""
-    charset = part.get_content_charset() or "utf-8"
+    charset = content_charset(part) or "utf-8"
     try:
         return payload.decode(charset, "replace")
     except (LookupError, ValueError):  # an unknown charset, or one with a NUL in it

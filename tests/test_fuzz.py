@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from gateway import facts, selfservice
+from gateway import facts, promo, selfservice
+from gateway.message import content_charset, parse
 from gateway.replytext import find_command
 from tests.support import CORPUS, REPO
 
@@ -85,3 +86,14 @@ def test_fuzz_finding_nul_in_charset() -> None:
     raw = (b"From: new@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
            b'Content-Type: text/plain; charset="utf\x00-8"\r\n\r\nsubscribe\r\n')
     assert [c.verb for c in selfservice.commands_in(raw)] == ["subscribe"]
+
+
+def test_fuzz_finding_rfc2231_charset_whose_charset_has_a_nul() -> None:
+    """The stdlib's get_content_charset raises on it; every reader of a part's text
+    falls back to UTF-8 instead."""
+    raw = (b"From: new@example.com\r\nSubject: x\r\nMIME-Version: 1.0\r\n"
+           b"Content-Type: text/plain; charset*=\x00\x00si-x3.4-1968''us-ascii\r\n\r\n"
+           b"subscribe\r\n")
+    assert content_charset(parse(raw)) is None
+    assert [c.verb for c in selfservice.commands_in(raw)] == ["subscribe"]
+    assert "subscribe" in promo.tokens(raw)
