@@ -57,6 +57,11 @@ SUFFIX = "-spool"
 # Posts moved per store transaction: enough to make the import cheap per post, few
 # enough that the store's writer is not held for long.
 IMPORT_BATCH = 64
+# Posts the importer forgets between two checkpoints of the spool's log (see Spool):
+# about 2 pages of log a post, so the log stays near 4 MB.
+RESTART_EVERY = 512
+# Seconds a checkpoint waits for intake's commit in progress and for readers.
+CHECKPOINT_WAIT = 0.1
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS posts (
@@ -154,21 +159,30 @@ class Spool:
     (``forget``): one lost in a crash leaves a post in both files, which the next
     import finds in the store and only deletes. So the importer holds the file's one
     write lock for microseconds, not an fsync, and intake's next append seldom waits
-    behind it. Only the importer's connection (``importing``) runs the WAL's
-    checkpoints (copying the log into the file, and an fsync): intake's never does in
-    the middle of a commit its clients wait for."""
+    behind it.
 
-    def __init__(self, path: Path, *, importing: bool = False) -> None:
+    Only the importer's connection (``importing``) checkpoints the WAL (copies the log
+    into the file, and an fsync): intake's never does in the middle of a commit its
+    clients wait for. The importer does it every ``restart_every`` posts it forgets, as
+    a RESTART checkpoint: the next append writes the log from its start again, over
+    pages already on disk. Without it, under steady intake the log never starts over
+    (a checkpoint cannot catch up with appends that never pause) and grows; an fsync
+    of a file that grew also writes its new size through the file system's journal,
+    which made every intake commit cost about twice the fsync (bench/README.md)."""
+
+    def __init__(self, path: Path, *, importing: bool = False,
+                 restart_every: int = RESTART_EVERY) -> None:
         self.path = path
         self._lock = threading.Lock()
+        self._restart_every = restart_every
+        self._forgotten = 0  # posts forgotten since the last checkpoint
         try:
             self._conn = sqlite3.connect(path, timeout=SQLITE_BUSY_TIMEOUT,
                                          isolation_level=None, check_same_thread=False)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=FULL")
             self._synchronous = "FULL"
-            if not importing:
-                self._conn.execute("PRAGMA wal_autocheckpoint=0")
+            self._conn.execute("PRAGMA wal_autocheckpoint=0")  # see the class
             self._conn.execute(_SCHEMA)
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"the intake spool {path}: {exc}") from exc
@@ -210,6 +224,26 @@ class Spool:
         numbers = [(seq,) for seq in seqs]
         with self._transaction(synchronous="NORMAL") as conn:
             conn.executemany("DELETE FROM posts WHERE seq = ?", numbers)
+        self._forgotten += len(numbers)
+        if self._forgotten >= self._restart_every:
+            self._forgotten = 0
+            self._checkpoint()
+
+    def _checkpoint(self) -> None:
+        """Copy the log into the file and start it over (see the class). It holds the
+        file's write lock: intake's appends wait for it (a few milliseconds). Should a
+        reader keep the log past ``CHECKPOINT_WAIT``, the log is copied as far as it can
+        be, and starts over at a later checkpoint."""
+        with self._lock, _translated(self.path):
+            self._conn.execute(f"PRAGMA busy_timeout={CHECKPOINT_WAIT * 1000:.0f}")
+            try:
+                busy, frames, copied = self._conn.execute(
+                    "PRAGMA wal_checkpoint(RESTART)").fetchone()
+            finally:
+                self._conn.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT * 1000}")
+        if busy:
+            log.info("spool checkpoint: %d of %d log pages copied; a reader kept the log "
+                     "from starting over", copied, frames)
 
     def depth(self) -> int:
         with self._lock, _translated(self.path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import resource
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -142,23 +143,71 @@ def test_spool_fsyncs_appends_and_not_what_the_importer_forgets(
     assert [s.seq for s in spool.oldest(10)] == [ids[1], *more]
 
 
-def test_spool_checkpoints_only_on_the_importers_connection(sqlite_store: Store) -> None:
-    """Intake's commits never stop to copy the log into the file (and fsync it): its
-    connection leaves the WAL alone, the importer's checkpoints it."""
-    intake = Spool.beside(sqlite_store)
-    importer = Spool.beside(sqlite_store, importing=True)
-    assert intake is not None and importer is not None
-    path = spool_path(sqlite_store.url)
+def spool_files(store: Store) -> tuple[Path, Path]:
+    """The spool's database file and its log (WAL)."""
+    path = spool_path(store.url)
     assert path is not None
-    wal = path.with_name(path.name + "-wal")
-    big = Post(**{**a_post(0).__dict__, "raw": b"x" * 20_000})
+    return path, path.with_name(path.name + "-wal")
+
+
+def big_post(n: int) -> Post:
+    return Post(**{**a_post(n).__dict__, "raw": b"x" * 20_000})  # 5 pages of log
+
+
+def test_spool_checkpoints_only_on_the_importers_connection_every_so_many_posts(
+        sqlite_store: Store) -> None:
+    """Intake's commits never stop to copy the log into the file (and fsync it): its
+    connection leaves the WAL alone. The importer checkpoints it every so many posts
+    it forgets, and the log starts over: later appends write it in place, not longer."""
+    intake = Spool.beside(sqlite_store)
+    path, wal = spool_files(sqlite_store)
+    importer = Spool(path, importing=True, restart_every=100)
+    assert intake is not None
     before = path.stat().st_size
-    ids = [qid for _ in range(30) for qid in intake.append([big] * 10)]  # ~6 MB, 1,500 pages
+    ids = [qid for _ in range(30) for qid in intake.append([big_post(0)] * 10)]  # ~6 MB
     assert wal.stat().st_size > 5_000_000
     assert path.stat().st_size == before  # nothing copied in: no checkpoint ran
-    importer.forget(ids[:1])  # a commit past the WAL's 1,000 pages: it checkpoints
-    assert path.stat().st_size > 5_000_000
-    assert [s.seq for s in importer.oldest(1)] == [ids[1]]
+    importer.forget(ids[:99])  # one short of a checkpoint: an ordinary commit, however big
+    assert path.stat().st_size == before
+    importer.forget(ids[99:100])
+    assert path.stat().st_size > 5_000_000  # copied in
+    longest = wal.stat().st_size
+    for n in range(3):  # appends and imports go on; the log is written from its start
+        more = [qid for _ in range(10) for qid in intake.append([big_post(n)] * 10)]
+        importer.forget(more)
+        assert wal.stat().st_size == longest
+    assert [s.seq for s in importer.oldest(1)] == [ids[100]]
+    assert importer.depth() == 200
+
+
+def test_spool_checkpoint_that_a_reader_holds_up_copies_what_it_can_and_fails_nothing(
+        sqlite_store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """A reader in the log's way (``listgate queue`` counting the spool, say) keeps the
+    log from starting over for a tenth of a second at most; the import carries on,
+    intake's next append is taken, and a later checkpoint starts the log over."""
+    intake = Spool.beside(sqlite_store)
+    path, wal = spool_files(sqlite_store)
+    importer = Spool(path, importing=True, restart_every=10)
+    assert intake is not None
+    ids = intake.append([big_post(n) for n in range(20)])
+    reader = sqlite3.connect(path)
+    reader.execute("BEGIN")
+    assert reader.execute("SELECT count(*) FROM posts").fetchone() == (20,)
+    caplog.set_level(logging.INFO, logger="gateway.spool")
+    importer.forget(ids[:10])
+    assert "a reader kept the log from starting over" in caplog.text
+    grown = wal.stat().st_size
+    later = intake.append([big_post(20)])
+    assert wal.stat().st_size > grown  # appended after the old log, which stays
+    reader.rollback()
+    reader.close()
+    caplog.clear()
+    importer.forget(ids[10:])
+    assert "a reader kept" not in caplog.text
+    longest = wal.stat().st_size
+    last = intake.append([big_post(21)])
+    assert wal.stat().st_size == longest  # started over
+    assert [s.seq for s in importer.oldest(10)] == later + last
 
 
 def test_importer_takes_a_batch_at_a_time_oldest_first(
