@@ -107,8 +107,7 @@ class Daemon:
         spool = None
         try:
             spool = await asyncio.to_thread(
-                functools.partial(Spool.beside, store, create=self.spool_intake,
-                                  importing=self.run_stages))
+                functools.partial(Spool.beside, store, create=self.spool_intake))
             await self._run(store, spool, stages, templates, signer, stopping,
                             reload_requested, ready)
         finally:

@@ -161,17 +161,16 @@ class Spool:
     write lock for microseconds, not an fsync, and intake's next append seldom waits
     behind it.
 
-    Only the importer's connection (``importing``) checkpoints the WAL (copies the log
-    into the file, and an fsync): intake's never does in the middle of a commit its
-    clients wait for. The importer does it every ``restart_every`` posts it forgets, as
+    Only the importer checkpoints the WAL (copies the log into the file, and an
+    fsync), from ``forget``: intake never does in the middle of a commit its clients
+    wait for. The importer does it every ``restart_every`` posts it forgets, as
     a RESTART checkpoint: the next append writes the log from its start again, over
     pages already on disk. Without it, under steady intake the log never starts over
     (a checkpoint cannot catch up with appends that never pause) and grows; an fsync
     of a file that grew also writes its new size through the file system's journal,
     which made every intake commit cost about twice the fsync (bench/README.md)."""
 
-    def __init__(self, path: Path, *, importing: bool = False,
-                 restart_every: int = RESTART_EVERY) -> None:
+    def __init__(self, path: Path, *, restart_every: int = RESTART_EVERY) -> None:
         self.path = path
         self._lock = threading.Lock()
         self._restart_every = restart_every
@@ -188,14 +187,13 @@ class Spool:
             raise StoreUnavailable(f"the intake spool {path}: {exc}") from exc
 
     @classmethod
-    def beside(cls, store: Store, *, create: bool = True,
-               importing: bool = False) -> Spool | None:
+    def beside(cls, store: Store, *, create: bool = True) -> Spool | None:
         """The spool of a SQLite store (without ``create``, only if its file exists);
         None for PostgreSQL, which needs none."""
         path = spool_path(store.url) if store.is_sqlite else None
         if path is None or not (create or path.exists()):
             return None
-        return cls(path, importing=importing)
+        return cls(path)
 
     def number_after(self, highest: int) -> None:
         """Number the next post above ``highest`` (the store's highest message id)."""

@@ -161,7 +161,7 @@ def test_spool_checkpoints_only_on_the_importers_connection_every_so_many_posts(
     it forgets, and the log starts over: later appends write it in place, not longer."""
     intake = Spool.beside(sqlite_store)
     path, wal = spool_files(sqlite_store)
-    importer = Spool(path, importing=True, restart_every=100)
+    importer = Spool(path, restart_every=100)
     assert intake is not None
     before = path.stat().st_size
     ids = [qid for _ in range(30) for qid in intake.append([big_post(0)] * 10)]  # ~6 MB
@@ -187,7 +187,7 @@ def test_spool_checkpoint_that_a_reader_holds_up_copies_what_it_can_and_fails_no
     intake's next append is taken, and a later checkpoint starts the log over."""
     intake = Spool.beside(sqlite_store)
     path, wal = spool_files(sqlite_store)
-    importer = Spool(path, importing=True, restart_every=10)
+    importer = Spool(path, restart_every=10)
     assert intake is not None
     ids = intake.append([big_post(n) for n in range(20)])
     reader = sqlite3.connect(path)
