@@ -222,6 +222,31 @@ def fail(conn: Connection, table: sa.Table, row_id: int, claimer: Claimer, *, no
     return state
 
 
+def hand_back(store: Store, table: sa.Table, claimer: Claimer, *, now: float,
+              stage: str) -> int:
+    """Make ``stage``'s rows that ``claimer`` still holds claimable now; how many.
+
+    For a stage's worker after a round that raised: whatever that round had claimed
+    and not finished is no one's work any more, and would otherwise wait out its
+    lease (a minute) once the store is back. Only the worker of a stage may call
+    this, between rounds, as it holds no row then. The claim counted an attempt: a
+    row whose attempts are used up is parked, as :func:`fail` would."""
+    c = table.c
+    mine = sa.and_(_held(table, claimer.owner), c.stage == stage)
+    with store.write() as conn:
+        conn.execute(
+            sa.update(table).where(mine, c.attempts >= claimer.max_attempts)
+            .values(state=State.PARKED.value, lease_owner=None, lease_until=None,
+                    updated_at=now, last_error=sa.func.coalesce(c.last_error, "")
+                    + f" [parked after {claimer.max_attempts} attempts that failed "
+                    "mid-round]"))
+        return conn.execute(
+            sa.update(table).where(mine)
+            .values(state=State.READY.value, due_at=now, lease_owner=None, lease_until=None,
+                    updated_at=now)
+        ).rowcount
+
+
 def release(conn: Connection, table: sa.Table, row_id: int, claimer: Claimer, *, now: float,
             due_at: float, note: str | None = None, **values: object) -> bool:
     """Hand a row back as ready (at ``due_at``), not counting it as a failure."""

@@ -60,6 +60,7 @@ class Stages:
         self.batch: list[tuple[Stage, RunOnce]] = []
         self.periodic: list[tuple[RunOnce, float]] = []
         self.delivery: Delivery | None = None
+        self._handing_back: tuple[Store, Claimer] | None = None
         self.keys = SigningKeys(config.dkim.directory, selector=config.dkim.selector,
                                 ed25519_selector=config.dkim.ed25519_selector, clock=clock)
         self.models: learning.Models | None = None
@@ -83,6 +84,7 @@ class Stages:
         config, clock, models = self.config, self.clock, self.models
         assert models is not None, "check() first"
         claimer = Claimer(queue.worker_identity(), config.queue.lease, config.queue.max_attempts)
+        self._handing_back = (store, claimer)
         trusted = config.moderation.trusted_authserv_ids
         retry = config.queue.retry_delay
         moderation = Moderation(store, clock=clock, claimer=claimer, policies=self.policies,
@@ -122,12 +124,24 @@ class Stages:
                          (digest.tick, config.digest.tick),
                          (bounces.sweep, config.bounces.sweep_interval)]
 
+    def _hand_back(self, stage: Stage) -> Callable[[], int] | None:
+        """What a stage's worker runs after a round that raised (see :func:`run_stage`);
+        None for the importer, which claims no rows."""
+        assert self._handing_back is not None, "build() first"
+        store, claimer = self._handing_back
+        if stage is Stage.INTAKE:
+            return None
+        return lambda: queue.hand_back(store, work, claimer, now=self.clock.now(),
+                                       stage=stage.value)
+
     def start(self, wakeups: Wakeups, stopping: asyncio.Event) -> list[asyncio.Task[None]]:
         """The stages' tasks (each ends on ``stopping``) and the periodic jobs' scheduler."""
         assert self.delivery is not None, "build() first"
         poll = self.config.queue.poll_interval
         tasks = [asyncio.create_task(run_stage(stage, run_once, wakeups, poll_interval=poll,
-                                               stopping=stopping), name=stage.value)
+                                               stopping=stopping,
+                                               hand_back=self._hand_back(stage)),
+                                     name=stage.value)
                  for stage, run_once in self.batch]
         tasks.append(asyncio.create_task(self.delivery.run(wakeups, poll_interval=poll,
                                                            stopping=stopping), name="delivery"))

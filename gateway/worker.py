@@ -116,11 +116,19 @@ class WakeChannel:
 
 
 async def run_stage(stage: Stage, run_once: Callable[[Progress], Progress], wakeups: Wakeups, *,
-                    poll_interval: float, stopping: asyncio.Event) -> None:
-    """Run ``run_once`` in a worker thread until ``stopping`` is set."""
+                    poll_interval: float, stopping: asyncio.Event,
+                    hand_back: Callable[[], int] | None = None) -> None:
+    """Run ``run_once`` in a worker thread until ``stopping`` is set.
+
+    After a round that raised, ``hand_back`` (if given) first makes claimable again
+    what that round had claimed: the rows go on as soon as the store takes writes,
+    not when their leases end.
+    """
     errors = 0
     while not stopping.is_set():
         try:
+            if errors and hand_back is not None and (handed := await asyncio.to_thread(hand_back)):
+                log.info("%s: %d claimed rows handed back after the error", stage.value, handed)
             progress = await asyncio.to_thread(run_once, Progress(on_wake=wakeups.notify))
             errors = 0
         except StoreUnavailable as exc:

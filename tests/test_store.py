@@ -6,6 +6,7 @@ from a ManualClock: the queue takes ``now`` as an argument, never reads a clock.
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import socket
@@ -25,8 +26,10 @@ from gateway import queue
 from gateway.clock import ManualClock
 from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
 from gateway.queue import Claimer
+from gateway.routing import Stage
 from gateway.schema import QUEUE_TABLES, State, contents, lists, metadata, outbound, work
 from gateway.store import SCHEMA_REVISION, Store, normalise_url, write_lock_path
+from gateway.worker import Progress, Wakeups, run_stage
 from tests.helpers_unit import add_rows
 from tests.support import REPO
 
@@ -341,6 +344,77 @@ def test_store_lease_that_keeps_expiring_is_parked_at_the_next_claim(
     assert f"its lease expired {MAX_ATTEMPTS} times" in (r.last_error or "")
     clock.advance(86400)
     assert claim(store, work, claimer("survivor"), clock.now()) == []
+
+
+def test_store_hand_back_frees_a_stages_own_claims_at_once_and_parks_the_spent(
+        store: Store, clock: ManualClock) -> None:
+    a, b = claimer("worker-a"), claimer("worker-b")
+    now = clock.now()
+    with store.write() as conn:
+        ours = add_rows(conn, work, 2, due_at=now, stage="moderation")
+        [other_stage] = add_rows(conn, work, 1, due_at=now, stage="fanout")
+    for stage in ("moderation", "fanout"):
+        assert len(queue.take(store, work, a, now=now, limit=10, stage=stage)) > 0
+    with store.write() as conn:
+        [theirs] = add_rows(conn, work, 1, due_at=now, stage="moderation")
+        [spent] = add_rows(conn, work, 1, due_at=now, stage="moderation",
+                           attempts=MAX_ATTEMPTS - 1)
+    assert [r.id for r in queue.take(store, work, b, now=now, limit=1,
+                                     stage="moderation")] == [theirs]
+    assert [r.id for r in queue.take(store, work, a, now=now, limit=1,
+                                     stage="moderation")] == [spent]
+    clock.advance(5)
+
+    assert queue.hand_back(store, work, a, now=clock.now(), stage="moderation") == 2
+    for rid in ours:
+        r = row(store, work, rid)
+        assert r is not None
+        # Claimable now, not when the lease ends; the claim's attempt still counts.
+        assert (r.state, r.due_at, r.lease_owner, r.attempts) == (
+            State.READY.value, clock.now(), None, 1)
+    r = row(store, work, spent)
+    assert r is not None and (r.state, r.lease_owner) == (State.PARKED.value, None)
+    assert f"parked after {MAX_ATTEMPTS} attempts" in (r.last_error or "")
+    for rid, owner in ((other_stage, "worker-a"), (theirs, "worker-b")):
+        r = row(store, work, rid)
+        assert r is not None and (r.state, r.lease_owner) == (State.CLAIMED.value, owner)
+    assert sorted(r.id for r in queue.take(store, work, b, now=clock.now(), limit=10,
+                                           stage="moderation")) == ours
+    assert queue.hand_back(store, work, a, now=clock.now(), stage="moderation") == 0
+
+
+def test_store_stage_round_that_raises_gets_its_rows_back_before_their_leases_end(
+        store: Store, clock: ManualClock) -> None:
+    # A round claims, then the store fails it (a full disk at the outcome's commit):
+    # the next round, as soon as the store takes writes, finds the same row claimable
+    # although the clock has not moved past its lease.
+    with store.write() as conn:
+        [rid] = add_rows(conn, work, 1, due_at=clock.now(), stage="moderation")
+    a = claimer()
+    rounds: list[list[int]] = []
+
+    def run_once(progress: Progress) -> Progress:
+        ids = [r.id for r in queue.take(store, work, a, now=clock.now(), limit=10,
+                                        stage="moderation")]
+        rounds.append(ids)
+        if len(rounds) == 1:
+            raise StoreUnavailable("disk I/O error")
+        with store.write() as conn:
+            queue.complete_many(conn, work, ids, a)
+        stopping.set()
+        return progress
+
+    async def run() -> None:
+        await asyncio.wait_for(run_stage(
+            Stage.MODERATION, run_once, Wakeups(asyncio.get_running_loop()),
+            poll_interval=0.01, stopping=stopping,
+            hand_back=lambda: queue.hand_back(store, work, a, now=clock.now(),
+                                              stage="moderation")), timeout=10)
+
+    stopping = asyncio.Event()
+    asyncio.run(run())
+    assert rounds == [[rid], [rid]]
+    assert row(store, work, rid) is None
 
 
 def test_store_take_claims_due_rows_and_parks_like_claim(store: Store,
