@@ -15,7 +15,7 @@ from gateway.authentication import Signer, keygen, zone_txt_value
 from gateway.clock import SystemClock
 from gateway.schema import RoleName
 from gateway.store import Store
-from tests.support import CORE_POLICY, CORPUS, Sink, write_config
+from tests.support import CORE_POLICY, CORPUS, GatewayProcess, Sink, write_config
 
 PG_ADMIN = os.environ.get("LISTGATE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 PG_REQUIRED = os.environ.get("LISTGATE_TEST_POSTGRES", "") == "required"
@@ -25,6 +25,12 @@ def _pg_admin() -> object:
     import psycopg
 
     return psycopg.connect(PG_ADMIN, autocommit=True, connect_timeout=3)
+
+
+@pytest.fixture(autouse=True)
+def _no_daemon_outlives_its_test() -> Iterator[None]:
+    yield
+    GatewayProcess.reap()
 
 
 @pytest.fixture(scope="session")

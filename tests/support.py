@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP
@@ -291,6 +291,19 @@ def post(sender: str, to: str, subject: str, body: str = "Hello.\n", *,
 class GatewayProcess:
     """The daemon as its own process, for tests that kill it."""
 
+    # Every daemon started, so that one a failed test left running is stopped in its
+    # teardown (conftest) and not found still running by a later test's collector.
+    started: ClassVar[list[subprocess.Popen[bytes]]] = []
+
+    @classmethod
+    def reap(cls) -> None:
+        """Kill those still running; called after each test."""
+        while cls.started:
+            proc = cls.started.pop()
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+
     def __init__(self, config_path: Path) -> None:
         self.config_path = config_path
         self.proc: subprocess.Popen[bytes] | None = None
@@ -301,6 +314,7 @@ class GatewayProcess:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "gateway", "--config", str(self.config_path), "serve"],
                 stdout=logf, stderr=subprocess.STDOUT, cwd=REPO, preexec_fn=preexec)
+        self.started.append(self.proc)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:

@@ -169,6 +169,9 @@ def test_durability_store_write_failure_answers_451_then_recovers(
     gw = GatewayProcess(daemon_config(tmp_path / "gw", sink, store_url, port)).start(port)
     assert gw.proc is not None
     send_posts(port, 1, "before")
+    # Delivered first: a stage's commit must not be the one that meets the limit.
+    wait_until(lambda: sink.handler.count() == len(MEMBERS)
+               and queue_counts(process_store)[:2] == (0, 0), timeout=30, what="first post")
     db = Path(store_url.removeprefix("sqlite:///"))
     limit = max(p.stat().st_size for p in db.parent.glob(db.name + "*")) + 4096
     # The daemon may not grow any file past this: the next big commit fails (EFBIG).
