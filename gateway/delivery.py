@@ -10,6 +10,10 @@ recorder writes the outcomes back in batches (one transaction for many rows):
   smarthost unreachable     -> retried with backoff until [delivery] lifetime, then failed
 - whole transaction 5xx     -> every recipient recorded as failed
 - an unexpected error       -> counted; parked after [queue] max_attempts
+
+Outcomes the store cannot take (a full disk, a lost database server) are tried
+again, their leases kept, until it can: a copy the smarthost has taken is not sent
+again unless the gateway stops first.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from gateway.errors import (
     DeliveryError,
     PermanentDeliveryError,
     SigningError,
+    StoreUnavailable,
     TransientDeliveryError,
 )
 from gateway.queue import Claimer
@@ -117,6 +122,9 @@ _CONTENTS = sa.select(contents.c.id, contents.c.data, contents.c.auth).where(
 
 # Personal copies built and pipelined per round (see Delivery._send_each).
 COPIES_AT_ONCE = 10
+# Seconds between tries to record outcomes the store did not take: doubling from the
+# first to the last.
+RECORD_RETRY = (0.1, 5.0)
 
 
 class Delivery:
@@ -146,9 +154,11 @@ class Delivery:
         # Renewing leases and recording outcomes update the same rows; taking them in
         # turn keeps PostgreSQL from deadlocking the two transactions.
         self._row_writes = threading.Lock()
+        self._stopping = asyncio.Event()
 
     async def run(self, wakeups: Wakeups, *, poll_interval: float, stopping: asyncio.Event,
                   grace: float = 30.0) -> None:
+        self._stopping = stopping
         jobs: asyncio.Queue[Job | None] = asyncio.Queue()
         results: asyncio.Queue[Result] = asyncio.Queue()
         senders = [asyncio.create_task(self._sender(jobs, results))
@@ -321,7 +331,7 @@ class Delivery:
             while not results.empty() and len(batch) < 256:
                 batch.append(results.get_nowait())
             try:
-                await asyncio.to_thread(self._record, batch)
+                await self._record_until_stored(batch)
             except Exception:  # the rows' leases expire and they are sent again
                 log.exception("delivery: recording %d outcomes failed", len(batch))
             finally:
@@ -329,6 +339,25 @@ class Delivery:
                     self._held.pop(r.job.id, None)
                     results.task_done()
                 self._room.set()
+
+    async def _record_until_stored(self, batch: list[Result]) -> None:
+        """Record ``batch``; while the store is unavailable, try again (the renewer
+        keeps the rows' leases meanwhile) until it is back or the gateway stops."""
+        delay, longest = RECORD_RETRY
+        while True:
+            try:
+                await asyncio.to_thread(self._record, batch)
+                return
+            except StoreUnavailable as exc:
+                if self._stopping.is_set():
+                    raise
+                log.warning("delivery: the store did not take %d outcomes (%s); trying "
+                            "again in %.1fs", len(batch), exc, delay)
+            try:
+                await asyncio.wait_for(self._stopping.wait(), delay)
+            except TimeoutError:
+                pass
+            delay = min(longest, delay * 2)
 
     def _record(self, batch: Iterable[Result]) -> None:
         tally: Counter[str] = Counter()

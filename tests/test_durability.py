@@ -6,6 +6,7 @@ import collections
 import email
 import resource
 import smtplib
+import time
 from pathlib import Path
 
 import pytest
@@ -193,3 +194,70 @@ def test_durability_store_write_failure_answers_451_then_recovers(
     wait_until(lambda: queue_counts(process_store)[:2] == (0, 0), timeout=30, what="delivery")
     gw.terminate()
     assert sink.handler.count() == 2 * len(MEMBERS)
+
+
+def claimed_outbound(store: Store) -> int:
+    with store.read() as conn:
+        return int(conn.execute(sa.select(sa.func.count()).select_from(outbound).where(
+            outbound.c.state == State.CLAIMED.value)).scalar_one())
+
+
+def copy_taken_while_nothing_can_be_written(tmp_path: Path, store: Store, store_url: str,
+                                            sink: Sink, *, lease: float
+                                            ) -> tuple[GatewayProcess, int]:
+    """A daemon whose one post's copy the sink took while the daemon could write no
+    file (its first tries to record the outcome have failed); the limit still on."""
+    config = daemon_config(tmp_path / "gw", sink, store_url, port := free_port())
+    config.write_text(config.read_text().replace('lease = "30s"', f'lease = "{lease:.0f}s"'))
+    gw = GatewayProcess(config).start(port)
+    assert gw.proc is not None
+    sink.handler.data_gate.clear()
+    send_posts(port, 1, "limited")
+    wait_until(lambda: claimed_outbound(store) == 1, timeout=30,
+               what="delivery to claim the copy")
+    time.sleep(0.5)  # into its transaction with the sink, held at DATA
+    hard = resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE)[1]
+    resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (1, hard))  # no file write works
+    sink.handler.data_gate.set()
+    wait_until(lambda: sink.handler.count() == len(MEMBERS), timeout=30, what="the copy")
+    time.sleep(1.0)  # the first tries to record its outcome fail
+    assert claimed_outbound(store) == 1
+    return gw, port
+
+
+def test_durability_outcomes_the_store_refuses_are_recorded_when_it_is_back_not_sent_again(
+        tmp_path: Path, process_store: Store, store_url: str, sink: Sink) -> None:
+    # The smarthost takes a copy while the daemon can write nothing (a full disk): the
+    # outcome waits in memory, its lease kept, and is recorded once writes work again.
+    # Sent again after the lease instead, every member would get the post twice.
+    if not store_url.startswith("sqlite"):
+        pytest.skip("the write limit is a property of the daemon's own files (SQLite)")
+    lease = 6.0
+    gw, _port = copy_taken_while_nothing_can_be_written(tmp_path, process_store, store_url, sink,
+                                                 lease=lease)
+    assert gw.proc is not None
+    resource.prlimit(gw.proc.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY,) * 2)
+    wait_until(lambda: queue_counts(process_store)[:2] == (0, 0), timeout=30, what="the record")
+    time.sleep(lease + 1)  # past the lease the copy was sent under
+    gw.terminate()
+    assert sink.handler.count() == len(MEMBERS)  # (its log lines then were not written)
+
+
+def test_durability_stop_while_the_store_refuses_outcomes_ends_and_loses_nothing(
+        tmp_path: Path, process_store: Store, store_url: str, sink: Sink) -> None:
+    # Stopping ends the tries: the daemon exits; the row is still claimed by a process
+    # that is gone, so the next start frees it and sends the copy again (what any MTA
+    # does with a transaction it could not record).
+    if not store_url.startswith("sqlite"):
+        pytest.skip("the write limit is a property of the daemon's own files (SQLite)")
+    gw, port = copy_taken_while_nothing_can_be_written(tmp_path, process_store, store_url, sink,
+                                                 lease=30)
+    assert gw.proc is not None
+    gw.proc.terminate()
+    gw.proc.wait(20)
+    assert claimed_outbound(process_store) == 1
+    gw.start(port)
+    wait_until(lambda: queue_counts(process_store)[:2] == (0, 0), timeout=30,
+               what="the copy to be sent again after the restart")
+    gw.terminate()
+    assert sorted(r for r, _data in sink.handler.copies()) == sorted(MEMBERS * 2)
