@@ -154,16 +154,14 @@ class Delivery:
         # Renewing leases and recording outcomes update the same rows; taking them in
         # turn keeps PostgreSQL from deadlocking the two transactions.
         self._row_writes = threading.Lock()
-        self._stopping = asyncio.Event()
 
     async def run(self, wakeups: Wakeups, *, poll_interval: float, stopping: asyncio.Event,
                   grace: float = 30.0) -> None:
-        self._stopping = stopping
         jobs: asyncio.Queue[Job | None] = asyncio.Queue()
         results: asyncio.Queue[Result] = asyncio.Queue()
         senders = [asyncio.create_task(self._sender(jobs, results))
                    for _ in range(self.config.connections)]
-        recorder = asyncio.create_task(self._recorder(results))
+        recorder = asyncio.create_task(self._recorder(results, stopping))
         renewer = asyncio.create_task(self._renewer())
         try:
             await self._feeder(jobs, wakeups, poll_interval=poll_interval, stopping=stopping)
@@ -325,13 +323,13 @@ class Delivery:
 
     # -- recording ---------------------------------------------------------------------
 
-    async def _recorder(self, results: asyncio.Queue[Result]) -> None:
+    async def _recorder(self, results: asyncio.Queue[Result], stopping: asyncio.Event) -> None:
         while True:
             batch = [await results.get()]
             while not results.empty() and len(batch) < 256:
                 batch.append(results.get_nowait())
             try:
-                await self._record_until_stored(batch)
+                await self._record_until_stored(batch, stopping)
             except Exception:  # the rows' leases expire and they are sent again
                 log.exception("delivery: recording %d outcomes failed", len(batch))
             finally:
@@ -340,7 +338,7 @@ class Delivery:
                     results.task_done()
                 self._room.set()
 
-    async def _record_until_stored(self, batch: list[Result]) -> None:
+    async def _record_until_stored(self, batch: list[Result], stopping: asyncio.Event) -> None:
         """Record ``batch``; while the store is unavailable, try again (the renewer
         keeps the rows' leases meanwhile) until it is back or the gateway stops."""
         delay, longest = RECORD_RETRY
@@ -349,12 +347,12 @@ class Delivery:
                 await asyncio.to_thread(self._record, batch)
                 return
             except StoreUnavailable as exc:
-                if self._stopping.is_set():
+                if stopping.is_set():
                     raise
                 log.warning("delivery: the store did not take %d outcomes (%s); trying "
                             "again in %.1fs", len(batch), exc, delay)
             try:
-                await asyncio.wait_for(self._stopping.wait(), delay)
+                await asyncio.wait_for(stopping.wait(), delay)
             except TimeoutError:
                 pass
             delay = min(longest, delay * 2)
