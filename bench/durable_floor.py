@@ -180,7 +180,18 @@ def serve(slot, listener):
     path = os.path.join(folder, f"log{slot}")
     log = AioLog(path, loop) if mode == "aio" else ThreadLog(path, loop, mode != "thread-nosync")
     handler = Durable(log)
-    loop.run_until_complete(loop.create_server(lambda: SMTP(handler), sock=listener))
+    accepted = 0
+
+    def session():
+        nonlocal accepted
+        accepted += 1  # noted in a file: the bench reports how the sessions split
+        path = os.path.join(folder, f"sessions{slot}")
+        with open(path + ".new", "w") as f:
+            f.write(str(accepted))
+        os.replace(path + ".new", path)  # whole, for a reader at any moment
+        return SMTP(handler)
+
+    loop.run_until_complete(loop.create_server(session, sock=listener))
     loop.run_forever()
 
 
@@ -214,12 +225,25 @@ VARIANTS = {  # name: (mode, processes); "bare" is intake_baseline.py's bare ser
 
 def start(variant: str, port: int, folder: str) -> subprocess.Popen[bytes]:
     mode, processes = VARIANTS[variant]
+    for slot in range(processes):  # the last server's counts
+        (Path(folder) / f"sessions{slot}").unlink(missing_ok=True)
     argv = ["-c", BARE_SERVER, str(port)] if variant == "bare" else \
         ["-c", DURABLE_SERVER, str(port), mode, str(processes), folder]
     proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE,
                             stdout=subprocess.DEVNULL)
     wait_port(port, proc, secs=120)  # the log files are written first
     return proc
+
+
+def sessions(folder: str, processes: int) -> list[int]:
+    """Sessions each process of a durable server has accepted so far."""
+    counts = []
+    for slot in range(processes):
+        try:
+            counts.append(int((Path(folder) / f"sessions{slot}").read_text()))
+        except FileNotFoundError:
+            counts.append(0)
+    return counts
 
 
 def finish(proc: subprocess.Popen[bytes]) -> None:
@@ -264,13 +288,18 @@ def main() -> int:
                 proc = start(variant, port, folder)
                 try:
                     smtp_source(port, posts=min(50, a.posts), sessions=a.sessions, size=a.size)
+                    before = sessions(folder, VARIANTS[variant][1])
                     wall, _cpu = smtp_source(port, posts=a.posts, sessions=a.sessions,
                                              size=a.size)
+                    split = [n - b for n, b in zip(sessions(folder, VARIANTS[variant][1]),
+                                                   before, strict=True)]
                 finally:
                     finish(proc)
                 rates[variant].append(a.posts / wall)
-                print(f"durable_floor: repeat {r + 1} {variant}: {a.posts / wall:.0f} posts/s",
-                      file=sys.stderr, flush=True)
+                shared = f" (sessions per process: {'+'.join(map(str, split))})" \
+                    if len(split) > 1 else ""
+                print(f"durable_floor: repeat {r + 1} {variant}: {a.posts / wall:.0f} posts/s"
+                      f"{shared}", file=sys.stderr, flush=True)
     print(f"client: smtp-source -d -s {a.sessions} -m {a.posts} -l {a.size}, "
           f"{a.repeats} repeats; log files in the current directory's file system")
     print("| server | posts/s median | ratio to bare within each repeat | median ratio |")
