@@ -41,8 +41,9 @@ from gateway.schema import (
     work,
 )
 from gateway.signing import LinkSigner
-from gateway.store import Store
+from gateway.store import Store, doorbell_path
 from gateway.templates import Templates
+from gateway.worker import ring
 
 # Markup off: list names, subject prefixes like "[Discuss]" and config errors naming
 # "[delivery]" are data, not styles.
@@ -73,6 +74,14 @@ class Context:
             yield store
         finally:
             store.dispose()
+
+
+def wake_gateway(obj: Context) -> str:
+    """Ring the running gateway's doorbell (gateway.worker.Doorbell) after a command
+    queued work: when it goes out, in words."""
+    if ring(doorbell_path(store_url(obj.config()))):
+        return "now"
+    return "at its next poll"
 
 
 def fail_cleanly(fn: F) -> F:
@@ -742,7 +751,7 @@ def queue_retry(obj: Context, refs: tuple[str, ...], all_parked: bool) -> None:
                 done += 1
             else:
                 err.print(f"{table_.name} row {row_id}: not found, or in flight right now")
-    out.print(f"{done} row(s) will be retried now")
+    out.print(f"{done} row(s) will be retried {wake_gateway(obj) if done else 'now'}")
     if done < len(targets):
         sys.exit(1)
 
@@ -856,8 +865,9 @@ def _decide(obj: Context, held_id: int, verb: holds.Verb, reason: str, actor: st
                                expiry_action=policies.for_list(lst.address).release.expiry_action)
         if decided is None:
             raise Conflict(f"held post #{held_id} was already {record.describe_decision()}")
+    when = wake_gateway(obj)  # a notice to the poster may be queued too
     out.print(f"held post #{held_id} is now {decided.state.value}"
-              + (" (the running gateway sends it within a poll interval)"
+              + (f" (the running gateway sends it {when})"
                  if decided.state is HeldState.APPROVED else ""))
 
 
@@ -969,7 +979,7 @@ def digest_send(obj: Context, list_address: str) -> None:
         closed = digest.close(conn, lst, now=now(), why="sent by hand (listgate digest send)")
     if not closed:
         raise NotFound(f"{lst.address} has no posts waiting for its next digest")
-    out.print(f"{lst.address}: digest closed; the running gateway sends it now")
+    out.print(f"{lst.address}: digest closed; the running gateway sends it {wake_gateway(obj)}")
 
 
 # -- DKIM -------------------------------------------------------------------------------------

@@ -29,14 +29,15 @@ from gateway.intake import (
 )
 from gateway.lists import Directory
 from gateway.metrics import Metrics
+from gateway.routing import Stage
 from gateway.signing import LinkSigner
 from gateway.spool import Spool, highest_message_id
-from gateway.store import Store
+from gateway.store import Store, doorbell_path
 from gateway.supervisor import Bound
 from gateway.tally import Tally
 from gateway.templates import Templates
 from gateway.web import WebServer
-from gateway.worker import WakeChannel, Wakeups
+from gateway.worker import Doorbell, WakeChannel, Wakeups
 
 if TYPE_CHECKING:
     from gateway.authentication import Resolver
@@ -182,6 +183,14 @@ class Daemon:
                                   recipients=self.tally.totals,
                                   spooled=spool.depth if spool is not None else None).render
         tasks = stages.start(wakeups, stopping) if stages is not None else []
+        # One process of a `serve` answers the doorbell: the one that imports the spool
+        # (a single process is that one). Its wake-ups reach the other workers too.
+        doorbell = None
+        path = doorbell_path(store.url)
+        if stages is not None and self.import_spool and path is not None:
+            doorbell = await asyncio.to_thread(Doorbell.hang, path)
+            if doorbell is not None:
+                doorbell.listen(loop, lambda: wakeups.notify(*Stage))
         background = [
             asyncio.create_task(writer.run(stopping), name="intake-writer"),
             asyncio.create_task(self._refresh(directory, stopping, reload_requested,
@@ -200,6 +209,8 @@ class Daemon:
             log.info("stopping: no new connections; finishing work in hand")
             for _protocol, server in servers:
                 server.close()
+            if doorbell is not None:
+                doorbell.close(loop)
             stopping.set()
             if stages is not None:
                 stages.stop_scheduling()

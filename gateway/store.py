@@ -232,6 +232,13 @@ def write_lock_path(url: str) -> Path | None:
     return sibling_path(url, "-writelock")
 
 
+def doorbell_path(url: str) -> Path | None:
+    """Where the running gateway's doorbell is (``gateway.worker.Doorbell``): ``<db>-doorbell``
+    next to a SQLite database; None for PostgreSQL (its clients wait for a poll)."""
+    return sibling_path(url, "-doorbell") if sa.engine.make_url(url).get_backend_name() \
+        == "sqlite" else None
+
+
 def _open_lock_file(url: str, suffix: str) -> int | None:
     path = sibling_path(url, suffix)
     if path is None:

@@ -2,17 +2,23 @@
 
 Stages tell each other that work is waiting through ``Wakeups`` (in-process
 events, and between the workers of one `serve` through a ``WakeChannel``); work
-itself only ever passes through the store. Between processes not started together
-(other machines, a second `serve`), the poll interval bounds the latency.
+itself only ever passes through the store. A command that queues work (``listgate
+digest send``, ``held approve``, ``queue retry``) rings the ``Doorbell`` of the
+gateway running on the same SQLite store. Between processes not started together
+(other machines, a second `serve`, PostgreSQL's clients), the poll interval bounds
+the latency.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
+import os
 import socket
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from gateway.errors import StoreUnavailable
 from gateway.routing import Stage
@@ -113,6 +119,87 @@ class WakeChannel:
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.inbox.fileno())
+
+
+class Doorbell:
+    """A unix datagram socket at a path next to the SQLite store (``doorbell_path``):
+    any datagram on it wakes every stage now rather than at its next poll.
+
+    What a datagram says is not read: a ring only makes the stages look in the store
+    for work, which is what they do at every poll anyway, so it needs no trust. The
+    file is the owner's alone (mode 0600) all the same. One gateway answers: a second
+    `serve` on the same store finds the bell taken and polls; a bell left by a gateway
+    that died is taken over.
+    """
+
+    def __init__(self, sock: socket.socket, path: Path) -> None:
+        self.sock = sock
+        self.path = path
+        self._inode = os.stat(path).st_ino
+
+    @classmethod
+    def hang(cls, path: Path) -> Doorbell | None:
+        """Bind the bell at ``path``; None (and a line in the log) when another gateway
+        answers there or the path cannot be bound."""
+        if ring(path):
+            log.info("doorbell %s: another gateway answers it; commands wake that one, "
+                     "and this one polls", path)
+            return None
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        try:
+            path.unlink(missing_ok=True)  # a bell nobody answers: left by a gateway that died
+            sock.bind(str(path))
+            os.chmod(path, 0o600)
+            return cls(sock, path)
+        except OSError as exc:
+            sock.close()
+            log.warning("doorbell %s: cannot be bound (%s); commands take effect at the "
+                        "next poll", path, exc.strerror or exc)
+            return None
+
+    def listen(self, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]) -> None:
+        self.sock.setblocking(False)
+
+        def readable() -> None:
+            rang = False
+            while True:
+                try:
+                    self.sock.recv(64)
+                except (BlockingIOError, InterruptedError):
+                    break
+                rang = True
+            if rang:
+                notify()
+
+        loop.add_reader(self.sock.fileno(), readable)
+
+    def close(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        try:
+            if os.stat(self.path).st_ino == self._inode:  # not a successor's bell
+                self.path.unlink()
+        except OSError:
+            pass
+
+
+def ring(path: Path | None) -> bool:
+    """Ring the doorbell at ``path``: whether a running gateway got it. Never blocks,
+    never raises: with nobody there, the work waits for a poll."""
+    if path is None:
+        return False
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        try:
+            sock.sendto(b"wake", socket.MSG_DONTWAIT, str(path))
+        except BlockingIOError:  # its inbox is full: it has rings to read already
+            return True
+        except OSError as exc:
+            if exc.errno not in (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTSOCK,
+                                 errno.EACCES, errno.EPERM, errno.ENAMETOOLONG,
+                                 errno.ENOTDIR):
+                log.warning("doorbell %s: %s", path, exc.strerror or exc)
+            return False
+    return True
 
 
 async def run_stage(stage: Stage, run_once: Callable[[Progress], Progress], wakeups: Wakeups, *,

@@ -211,6 +211,16 @@ retry_delay = "1s"
     return path
 
 
+def polling_seldom(config_path: Path) -> Path:
+    """The configuration with stages that poll once an hour: whatever a test sees
+    done within its wait was woken, not polled for."""
+    text = config_path.read_text(encoding="utf-8")
+    assert 'poll_interval = "200ms"' in text
+    config_path.write_text(text.replace('poll_interval = "200ms"', 'poll_interval = "1h"'),
+                           encoding="utf-8")
+    return config_path
+
+
 class RunningGateway:
     """The real daemon, in this process, on its own event loop thread."""
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from gateway.cli import EXAMPLE_LIST, main
 from gateway.clock import SystemClock
 from gateway.routing import ROUTES, Stage
 from gateway.schema import Mode, RoleName, State, messages, outbound, work
-from gateway.store import Store
+from gateway.store import Store, doorbell_path
+from gateway.worker import Doorbell, ring
 from tests.helpers_unit import add_rows
 
 LIST = "news@example.org"
@@ -479,3 +482,56 @@ def test_cli_lists_created_by_the_cli_are_in_the_store(ready_any: Path, store: S
     ok(ready, "members", "add", LIST, "m@example.net", "--mode", "digest-html")
     with store.read() as conn:
         assert lists.count_members(conn, lst) == {Mode.DIGEST_HTML: 1}
+
+
+# -- the doorbell that commands ring --------------------------------------------------------
+
+
+def test_cli_doorbell_ring_with_nobody_there_is_false(tmp_path: Path) -> None:
+    not_a_socket = tmp_path / "db-doorbell"
+    not_a_socket.write_text("")
+    assert ring(None) is False
+    assert ring(tmp_path / "nothing-here") is False
+    assert ring(not_a_socket) is False
+    assert doorbell_path("postgresql+psycopg://u@h/listgate") is None
+    assert doorbell_path(f"sqlite:///{tmp_path}/x.db") == tmp_path / "x.db-doorbell"
+
+
+def test_cli_doorbell_wakes_its_gateway_and_only_one_gateway_answers(tmp_path: Path) -> None:
+    path = tmp_path / "db-doorbell"
+    loop = asyncio.new_event_loop()
+    try:
+        first = Doorbell.hang(path)
+        assert first is not None
+        assert path.stat().st_mode & 0o777 == 0o600  # only the owner rings
+        rang = asyncio.Event()
+        first.listen(loop, rang.set)
+        assert ring(path) is True
+        loop.run_until_complete(asyncio.wait_for(rang.wait(), 10))
+        assert Doorbell.hang(path) is None  # a second gateway on the store polls
+        first.close(loop)
+        assert not path.exists()
+        assert ring(path) is False
+    finally:
+        loop.close()
+
+
+def test_cli_doorbell_a_dead_gateways_bell_is_taken_over_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "db-doorbell"
+    loop = asyncio.new_event_loop()
+    try:
+        dead = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        dead.bind(str(path))
+        dead.close()  # as a gateway killed with SIGKILL leaves it
+        assert ring(path) is False
+        bell = Doorbell.hang(path)
+        assert bell is not None and ring(path) is True
+        # A bell closed after its successor took the path leaves the successor's alone.
+        path.unlink()
+        successor = Doorbell.hang(path)
+        assert successor is not None
+        bell.close(loop)
+        assert ring(path) is True
+        successor.close(loop)
+    finally:
+        loop.close()

@@ -20,6 +20,7 @@ from tests.support import (
     Sink,
     free_port,
     gateway,
+    polling_seldom,
     post,
     wait_until,
     write_config,
@@ -55,6 +56,32 @@ def test_cli_held_ls_show_and_approve_release_a_post(shipped_policy: Path, sink:
         code, again = cli(shipped_policy, "held", "reject", "1", "--reason", "late")
         assert code == 1 and "already approved by alice" in again
     assert cli(shipped_policy, "held", "ls")[1].strip().endswith("0 held post(s)")
+
+
+@pytest.mark.parametrize("store_url", ["sqlite"], indirect=True)
+def test_cli_held_approve_rings_the_gateway_of_every_process(
+        tmp_path: Path, sink: Sink, store: Store, store_url: str) -> None:
+    """`held approve` against `serve` with two processes whose stages poll once an hour:
+    the doorbell (answered by the stage worker) sends the post on at once."""
+    discussion_list(store, roles={MEMBERS[0]: RoleName.OWNER})
+    port = free_port()
+    config = polling_seldom(write_config(tmp_path / "gw", smarthost=sink.url,
+                                         store_url=store_url,
+                                         listen=[f"smtp://127.0.0.1:{port}"]))
+    config.write_text(f"[daemon]\nprocesses = 2\n{config.read_text()}")
+    gw = GatewayProcess(config).start(port)
+    try:
+        with smtplib.SMTP("127.0.0.1", port, timeout=30) as client:
+            client.sendmail(NEWBIE, LIST, post(NEWBIE, LIST, "Rung through", "Hi all.\n"))
+        wait_until(lambda: "1 held post(s)" in cli(config, "held", "ls")[1], what="the hold")
+        code, done = cli(config, "held", "approve", "1")
+        assert code == 0 and "sends it now" in done, done
+        wait_until(lambda: sum(1 for r, d in sink.handler.copies() if r in MEMBERS
+                               and b"Subject: [Discuss] Rung through" in d) == len(MEMBERS),
+                   what="the approved post at every member")
+    finally:
+        assert gw.terminate() == 0
+    assert "doorbell" not in gw.log.read_text(), gw.log.read_text()[-2000:]
 
 
 def test_cli_held_unknown_id_is_a_clear_error(shipped_policy: Path) -> None:
