@@ -535,3 +535,11 @@ def test_cli_doorbell_a_dead_gateways_bell_is_taken_over_and_kept(tmp_path: Path
         successor.close(loop)
     finally:
         loop.close()
+
+
+def test_cli_doorbell_on_a_path_too_long_for_a_socket_is_left_out_with_a_warning(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    path = tmp_path / ("d" * 120 + "-doorbell")  # unix sockets take at most 107 bytes
+    assert Doorbell.hang(path) is None
+    assert "cannot be bound" in caplog.text and "next poll" in caplog.text
+    assert ring(path) is False
