@@ -149,6 +149,7 @@ class Doorbell:
             path.unlink(missing_ok=True)  # a bell nobody answers: left by a gateway that died
             sock.bind(str(path))
             os.chmod(path, 0o600)
+            log.info("doorbell %s: commands that queue work ring it", path)
             return cls(sock, path)
         except OSError as exc:
             sock.close()
