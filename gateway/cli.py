@@ -751,7 +751,8 @@ def queue_retry(obj: Context, refs: tuple[str, ...], all_parked: bool) -> None:
                 done += 1
             else:
                 err.print(f"{table_.name} row {row_id}: not found, or in flight right now")
-    out.print(f"{done} row(s) will be retried {wake_gateway(obj) if done else 'now'}")
+    when = wake_gateway(obj) if done else "now"
+    out.print(f"{done} row(s) due now; the running gateway retries them {when}")
     if done < len(targets):
         sys.exit(1)
 

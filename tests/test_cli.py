@@ -441,13 +441,15 @@ def test_cli_queue_park_and_retry(ready_any: Path, store: Store,
     assert [(r[0], r[1], r[-1]) for r in parked] == [(ref, "parked", "poison message")]
     assert "no such queue row" in fails(ready, "queue", "park", "delivery/999999")
     fails(ready, "queue", "retry", code=2)
-    assert "1 row(s) will be retried now" in ok(ready, "queue", "retry", ref)
+    # No gateway runs here to ring: the command says the poll will find them.
+    assert "1 row(s) due now; the running gateway retries them at its next poll" in ok(
+        ready, "queue", "retry", ref)
     with store.read() as conn:
         row = conn.execute(sa.select(outbound).where(outbound.c.id == queued["outbound"])).one()
     assert (row.state, row.attempts) == (State.READY.value, 0)
     assert "not found" in fails(ready, "queue", "retry", "moderation/999999")
     ok(ready, "queue", "park", ref, f"moderation/{queued['work']}")
-    assert "2 row(s) will be retried now" in ok(ready, "queue", "retry", "--all-parked")
+    assert "2 row(s) due now" in ok(ready, "queue", "retry", "--all-parked")
     assert "the queue is empty" in ok(ready, "queue", "ls", "--state", "parked")
 
 
