@@ -29,7 +29,6 @@ from gateway.intake import (
 )
 from gateway.lists import Directory
 from gateway.metrics import Metrics
-from gateway.routing import Stage
 from gateway.signing import LinkSigner
 from gateway.spool import Spool, highest_message_id
 from gateway.store import Store, doorbell_path
@@ -190,7 +189,7 @@ class Daemon:
         if stages is not None and self.import_spool and path is not None:
             doorbell = await asyncio.to_thread(Doorbell.hang, path)
             if doorbell is not None:
-                doorbell.listen(loop, lambda: wakeups.notify(*Stage))
+                doorbell.listen(loop, wakeups.notify)
         background = [
             asyncio.create_task(writer.run(stopping), name="intake-writer"),
             asyncio.create_task(self._refresh(directory, stopping, reload_requested,

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -91,7 +91,7 @@ class WakeChannel:
         self.siblings = list(siblings)
 
     def send(self, stages: Sequence[Stage] | set[Stage]) -> None:
-        data = ",".join(stage.value for stage in stages).encode("ascii")
+        data = _datagram(stages)
         for sibling in self.siblings:
             try:
                 sibling.send(data, socket.MSG_DONTWAIT)
@@ -120,12 +120,18 @@ class WakeChannel:
         loop.remove_reader(self.inbox.fileno())
 
 
+def _datagram(stages: Iterable[Stage]) -> bytes:
+    """Stage names as a ``WakeChannel`` carries them (and a ``Doorbell`` hears them)."""
+    return ",".join(stage.value for stage in stages).encode("ascii")
+
+
 class Doorbell:
     """A unix datagram socket at a path next to the SQLite store (``doorbell_path``):
-    any datagram on it wakes every stage now rather than at its next poll.
+    a ring wakes every stage now rather than at its next poll.
 
-    What a datagram says is not read: a ring only makes the stages look in the store
-    for work, which is what they do at every poll anyway, so it needs no trust. The
+    It is read as a ``WakeChannel``'s inbox is: a datagram names stages, and names of
+    none are ignored. A ring (``ring``) names them all, and only makes the stages look
+    in the store for work, which they do at every poll anyway: it needs no trust. The
     file is the owner's alone (mode 0600) all the same. One gateway answers: a second
     `serve` on the same store finds the bell taken and polls; a bell left by a gateway
     that died is taken over.
@@ -135,6 +141,7 @@ class Doorbell:
         self.sock = sock
         self.path = path
         self._inode = os.stat(path).st_ino
+        self._inbox = WakeChannel(sock, siblings=())
 
     @classmethod
     def hang(cls, path: Path) -> Doorbell | None:
@@ -157,30 +164,21 @@ class Doorbell:
                         "next poll", path, exc.strerror or exc)
             return None
 
-    def listen(self, loop: asyncio.AbstractEventLoop, notify: Callable[[], None]) -> None:
-        self.sock.setblocking(False)
-
-        def readable() -> None:
-            rang = False
-            while True:
-                try:
-                    self.sock.recv(64)
-                except (BlockingIOError, InterruptedError):
-                    break
-                rang = True
-            if rang:
-                notify()
-
-        loop.add_reader(self.sock.fileno(), readable)
+    def listen(self, loop: asyncio.AbstractEventLoop, notify: Callable[..., None]) -> None:
+        """Call ``notify(*stages)`` with the stages a ring names."""
+        self._inbox.listen(loop, notify)
 
     def close(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_reader(self.sock.fileno())
+        self._inbox.close(loop)
         self.sock.close()
         try:
             if os.stat(self.path).st_ino == self._inode:  # not a successor's bell
                 self.path.unlink()
         except OSError:
             pass
+
+
+_EVERY_STAGE = _datagram(Stage)
 
 
 def ring(path: Path | None) -> bool:
@@ -190,7 +188,7 @@ def ring(path: Path | None) -> bool:
         return False
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         try:
-            sock.sendto(b"wake", socket.MSG_DONTWAIT, str(path))
+            sock.sendto(_EVERY_STAGE, socket.MSG_DONTWAIT, str(path))
         except BlockingIOError:  # its inbox is full: it has rings to read already
             return True
         except OSError as exc:  # no bell, a dead one, not ours to ring, a path too long

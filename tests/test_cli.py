@@ -507,9 +507,11 @@ def test_cli_doorbell_wakes_its_gateway_and_only_one_gateway_answers(tmp_path: P
         assert first is not None
         assert path.stat().st_mode & 0o777 == 0o600  # only the owner rings
         rang = asyncio.Event()
-        first.listen(loop, rang.set)
+        woken: set[Stage] = set()
+        first.listen(loop, lambda *stages: (woken.update(stages), rang.set()))
         assert ring(path) is True
         loop.run_until_complete(asyncio.wait_for(rang.wait(), 10))
+        assert woken == set(Stage)  # a ring wakes every stage
         assert Doorbell.hang(path) is None  # a second gateway on the store polls
         first.close(loop)
         assert not path.exists()
