@@ -167,10 +167,13 @@ action = "reject"
 
 def write_config(directory: Path, *, smarthost: str = "", listen: list[str] | None = None,
                  extra: str = "", store_url: str | None = None,
-                 sections: str = "", policy: str | None = None) -> Path:
+                 sections: str = "", policy: str | None = None,
+                 poll_interval: str = "200ms") -> Path:
     """A configuration for tests. ``extra`` holds more [delivery] lines (a key given
     there replaces the default below); ``sections`` is appended as more tables;
-    ``policy``, if given, becomes the default policy (else the shipped one is used)."""
+    ``policy``, if given, becomes the default policy (else the shipped one is used).
+    With a ``poll_interval`` of an hour, whatever a test sees done within its wait was
+    woken, not polled for."""
     directory.mkdir(parents=True, exist_ok=True)
     if policy is not None:
         (directory / "policies").mkdir(exist_ok=True)
@@ -197,7 +200,7 @@ listen = [{listen_toml}]
 hostname = "lists.test"
 
 [queue]
-poll_interval = "200ms"
+poll_interval = "{poll_interval}"
 lease = "30s"
 retry_delay = "1s"
 
@@ -209,16 +212,6 @@ retry_delay = "1s"
     path = directory / "listgate.toml"
     path.write_text(text, encoding="utf-8")
     return path
-
-
-def polling_seldom(config_path: Path) -> Path:
-    """The configuration with stages that poll once an hour: whatever a test sees
-    done within its wait was woken, not polled for."""
-    text = config_path.read_text(encoding="utf-8")
-    assert 'poll_interval = "200ms"' in text
-    config_path.write_text(text.replace('poll_interval = "200ms"', 'poll_interval = "1h"'),
-                           encoding="utf-8")
-    return config_path
 
 
 class RunningGateway:

@@ -20,7 +20,6 @@ from tests.support import (
     Sink,
     free_port,
     gateway,
-    polling_seldom,
     post,
     wait_until,
     write_config,
@@ -65,9 +64,8 @@ def test_cli_held_approve_rings_the_gateway_of_every_process(
     the doorbell (answered by the stage worker) sends the post on at once."""
     discussion_list(store, roles={MEMBERS[0]: RoleName.OWNER})
     port = free_port()
-    config = polling_seldom(write_config(tmp_path / "gw", smarthost=sink.url,
-                                         store_url=store_url,
-                                         listen=[f"smtp://127.0.0.1:{port}"]))
+    config = write_config(tmp_path / "gw", smarthost=sink.url, store_url=store_url,
+                          listen=[f"smtp://127.0.0.1:{port}"], poll_interval="1h")
     config.write_text(f"[daemon]\nprocesses = 2\n{config.read_text()}")
     gw = GatewayProcess(config).start(port)
     try:

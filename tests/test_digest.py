@@ -29,7 +29,6 @@ from tests.support import (
     as_sent,
     free_port,
     gateway,
-    polling_seldom,
     post,
     wait_until,
     write_config,
@@ -127,8 +126,8 @@ def test_digest_send_rings_the_running_gateway_which_sends_at_once(
         lst = lists.create(conn, LIST, now=0.0, display_name="Discuss")
         lists.add_member(conn, lst, REGULAR, now=0.0)
         lists.add_member(conn, lst, BY_MODE[Mode.DIGEST_MIME], now=0.0, mode=Mode.DIGEST_MIME)
-    config = polling_seldom(write_config(tmp_path / "gw", smarthost=sink.url,
-                                         store_url=store_url, policy=CORE_POLICY))
+    config = write_config(tmp_path / "gw", smarthost=sink.url, store_url=store_url,
+                          policy=CORE_POLICY, poll_interval="1h")
     with gateway(config) as gw:
         gw.send(REGULAR, LIST, thread()[0])
         sink.wait_for(1)  # the regular member's copy: intake woke the stages
