@@ -40,9 +40,9 @@ from intake_baseline import (
     BARE_SERVER,
     SMTP_SINK,
     SMTP_SOURCE,
+    finish,
     median,
     smtp_source,
-    stop,
     wait_port,
 )
 
@@ -244,15 +244,6 @@ def sessions(folder: str, processes: int) -> list[int]:
         except FileNotFoundError:
             counts.append(0)
     return counts
-
-
-def finish(proc: subprocess.Popen[bytes]) -> None:
-    if proc.stdin is not None:
-        proc.stdin.close()
-    try:
-        proc.wait(10)
-    except subprocess.TimeoutExpired:
-        stop(proc)
 
 
 def main() -> int:

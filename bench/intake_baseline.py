@@ -104,6 +104,17 @@ def stop(proc: subprocess.Popen[bytes] | None) -> None:
             proc.wait()
 
 
+def finish(proc: subprocess.Popen[bytes]) -> None:
+    """Stop a server that runs until its stdin closes (the bare server); terminate
+    it if it has not after 10 s."""
+    if proc.stdin is not None:
+        proc.stdin.close()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        stop(proc)
+
+
 def smtp_source(port: int, *, posts: int, sessions: int, size: int,
                 rcpts: int = 1) -> tuple[float, float]:
     """Run the client; (wall seconds, client CPU seconds)."""
@@ -199,12 +210,8 @@ def main() -> int:
     finally:
         if started:
             lg.sut("stop")
-        if bare is not None and bare.stdin is not None:
-            bare.stdin.close()
-            try:
-                bare.wait(10)
-            except subprocess.TimeoutExpired:
-                stop(bare)
+        if bare is not None:
+            finish(bare)
         stop(sink)
     # The ceiling, with nothing else of ours running.
     ceil_runs = []
