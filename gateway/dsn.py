@@ -57,7 +57,7 @@ from flufl.bounce import all_failures
 from gateway import addresses
 from gateway import headers as h
 from gateway.errors import AddressError
-from gateway.message import content_charset, decode_header, parse
+from gateway.message import content_charset, decode_header, leaf_payload, parse
 from gateway.signing import LinkSigner
 
 log = logging.getLogger(__name__)
@@ -565,8 +565,8 @@ def _blocks_text(part: email.message.Message) -> str:
             if name.lower() == h.CONTENT_TRANSFER_ENCODING.lower():
                 encoding = str(value).strip().lower()
             out.append(f"{name}: {' '.join(str(value).split())}")
-        body = block.get_payload()
-        if isinstance(body, str) and body.strip():
+        body = leaf_payload(block)
+        if body.strip():
             out.append("")
             out.append(_transfer_decode(body, encoding))
         out.append("")

@@ -205,6 +205,19 @@ def test_parse_bounce_separates_recipients_without_blank_lines() -> None:
     assert report.temporary == {"carol@example.net"}
 
 
+def test_parse_bounce_reads_a_status_block_with_an_rfc2231_charset_and_8bit_text(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # A block with a body (a line that is no field) and a charset*= parameter: the
+    # stdlib's get_payload() raised TypeError on its 8-bit text, and the whole report
+    # was read as no bounce (found by fuzz/fuzz_parse.py).
+    report = parse_bounce(dsn("Final-Recipient: rfc822; bob@example.net\n"
+                              "Action: failed\nStatus: 5.1.1\n"
+                              "Content-Type: text/plain; charset*=utf-8''us-ascii\n"
+                              "no field here: Zoë"))
+    assert report.permanent == {"bob@example.net"}
+    assert "bounce parsing failed" not in caplog.text
+
+
 def test_parse_bounce_dsn_marked_auto_replied_is_still_a_bounce() -> None:
     # Postfix marks its bounces "Auto-Submitted: auto-replied".
     report = parse_bounce(dsn("Final-Recipient: rfc822; bob@example.net\n"
