@@ -156,7 +156,14 @@ class _Text(html.parser.HTMLParser):
 
 def html_to_text(markup: str) -> str:
     parser = _Text()
-    parser.feed(markup)
-    parser.close()
+    try:
+        parser.feed(markup)
+        parser.close()
+    except (AssertionError, ValueError, IndexError):
+        # html.parser raises on some malformed declarations ("<![e09..."), as the
+        # digests' converter (digestformats.html_to_text) also finds. The reply is what
+        # came before it: not the markup with its tags removed, which would bring in
+        # the quoted notice (and the commands it names) that the parser leaves out.
+        pass
     text = html.unescape("".join(parser.out)).replace("\xa0", " ")
     return re.sub(r"\n\s*\n+", "\n\n", text).strip()

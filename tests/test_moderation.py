@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from gateway import lists, resources
 from gateway.authentication import Resolver, Signer
 from gateway.clock import ManualClock
+from gateway.replytext import Command, find_command
 from gateway.schema import RoleName, held, journal, outbound
 from gateway.schema import work as work_table
 from gateway.store import Store
@@ -380,3 +381,18 @@ def failed_rows(store: Store) -> list[sa.Row[tuple[object, ...]]]:
     with store.read() as conn:
         return list(conn.execute(sa.select(work_table).where(
             work_table.c.stage == "moderation", work_table.c.last_error.is_not(None))))
+
+
+def test_moderation_html_reply_with_a_declaration_the_parser_refuses_reads_what_came_first(
+) -> None:
+    """html.parser raises AssertionError on "<![e09..." (found by fuzz/fuzz_parse.py):
+    the reply is what the moderator wrote before it, never the quoted notice after."""
+    verbs = frozenset({"approve", "reject", "discard"})
+
+    def reply(body: str) -> bytes:
+        return (f"From: {MODERATOR}\r\nSubject: Re: held\r\nMIME-Version: 1.0\r\n"
+                "Content-Type: text/html; charset=utf-8\r\n\r\n" + body).encode()
+
+    assert find_command(reply("<p>discard</p><![e09\t\t<blockquote>approve</blockquote>"),
+                        verbs) == Command("discard", "")
+    assert find_command(reply("<p></p><![e09\t\t<p>approve</p>"), verbs) is None
