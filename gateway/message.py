@@ -218,20 +218,21 @@ def content_charset(part: email.message.Message) -> str | None:
 
 def leaf_payload(part: email.message.Message) -> str:
     """A leaf's payload as text, as ``get_payload()`` gives it: bytes the parser could
-    not decode are read through the part's charset. The stdlib raises TypeError there
-    when the charset is an RFC 2231 parameter (``charset*=``, which it keeps as a
-    tuple); then the charset is read as ``content_charset`` reads it, and one Python
-    does not know as ASCII with replacement characters, as the stdlib does."""
+    not decode are read through the part's charset. The stdlib raises there when the
+    charset is an RFC 2231 parameter (``charset*=``, which it keeps as a tuple:
+    TypeError) or has a NUL in its name (ValueError); then the charset is read as
+    ``content_charset`` reads it, and one Python cannot use as ASCII with replacement
+    characters, as the stdlib does for one it does not know."""
     try:
         payload = part.get_payload()
-    except TypeError:
+    except (TypeError, ValueError):
         raw = getattr(part, "_payload", "")  # what get_payload() itself reads
         if not isinstance(raw, str):
             return ""
         data = raw.encode("ascii", "surrogateescape")
         try:
             return data.decode(content_charset(part) or "ascii", "replace")
-        except LookupError:
+        except (LookupError, ValueError):
             return data.decode("ascii", "replace")
     return payload if isinstance(payload, str) else ""
 

@@ -218,6 +218,18 @@ def test_parse_bounce_reads_a_status_block_with_an_rfc2231_charset_and_8bit_text
     assert "bounce parsing failed" not in caplog.text
 
 
+def test_parse_bounce_reads_a_status_block_whose_charset_has_a_nul_in_its_name(
+        caplog: pytest.LogCaptureFixture) -> None:
+    # bytes.decode() refuses a codec name with a NUL in it (ValueError, where an unknown
+    # name is a LookupError the stdlib catches): found by the fuzzer of fuzz/.
+    report = parse_bounce(dsn("Final-Recipient: rfc822; bob@example.net\n"
+                              "Action: failed\nStatus: 5.1.1\n"
+                              "Content-Type: text/plain; charset=\"utf\x00-8\"\n"
+                              "no field here: Zo\u00eb"))
+    assert report.permanent == {"bob@example.net"}
+    assert "bounce parsing failed" not in caplog.text
+
+
 def test_parse_bounce_dsn_marked_auto_replied_is_still_a_bounce() -> None:
     # Postfix marks its bounces "Auto-Submitted: auto-replied".
     report = parse_bounce(dsn("Final-Recipient: rfc822; bob@example.net\n"
