@@ -61,6 +61,7 @@ from gateway.notices import Notice, compose
 from gateway.notices import queue as queue_notice
 from gateway.queue import Claimer
 from gateway.routing import Stage
+from gateway.rowstage import RowStage
 from gateway.schema import RoleName, bounce_events, delivery_failures, members, messages, work
 from gateway.schema import tokens as tokens_table
 from gateway.signing import LinkSigner
@@ -353,7 +354,7 @@ class Received:
     unverified: str | None = None  # why its return path proves nothing; None if it does
 
 
-class Bounces:
+class Bounces(RowStage):
     stage = Stage.BOUNCES
 
     def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, templates: Templates,
@@ -368,23 +369,9 @@ class Bounces:
         self.retry_delay = retry_delay
         self.batch = batch
 
-    def run_once(self, progress: Progress | None = None) -> Progress:
+    def handle(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
         """Mail to LIST-bounces@ and LIST-bounces+DETAIL@: attribute, score, record."""
-        rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, stage=self.stage.value)
-        progress = progress or Progress()
-        progress.worked += len(rows)
-        for row in rows:
-            try:
-                self._handle(self._read(row), progress)
-            except LeaseLost:
-                log.warning("lease lost on bounces work row %s; another worker has it", row.id)
-            except Exception as exc:  # one bad row must not stop the others
-                log.exception("bounce work row %s failed", row.id)
-                with self.store.write() as conn:
-                    queue.fail(conn, work, row.id, self.claimer, now=self.clock.now(),
-                               error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
-        return progress
+        self._handle(self._read(row), progress)
 
     def _read(self, row: Row[tuple[object, ...]]) -> Received:
         detail = str(row.detail) if row.detail else ""

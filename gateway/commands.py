@@ -34,6 +34,7 @@ from gateway.policy import Policies
 from gateway.queue import Claimer
 from gateway.replytext import find_command
 from gateway.routing import Role, Stage
+from gateway.rowstage import RowStage
 from gateway.schema import HeldState, RoleName, messages, work
 from gateway.schema import journal as journal_table
 from gateway.store import Store
@@ -79,7 +80,7 @@ def _answered_today(conn: Connection, lst: MailingList, sender: str, now: float)
     ).scalar_one())
 
 
-class Commands:
+class Commands(RowStage):
     stage = Stage.COMMANDS
     roles = (Role.CONFIRM, Role.REQUEST, Role.JOIN, Role.LEAVE)
 
@@ -97,23 +98,8 @@ class Commands:
         self.retry_delay = retry_delay
         self.batch = batch
 
-    def run_once(self, progress: Progress | None = None) -> Progress:
-        rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, stage=self.stage.value,
-                          roles=[r.value for r in self.roles])
-        progress = progress or Progress()
-        progress.worked += len(rows)
-        for row in rows:
-            try:
-                self._handle(self._read(row), progress)
-            except LeaseLost:
-                log.warning("lease lost on commands work row %s; another worker has it", row.id)
-            except Exception as exc:  # one bad row must not stop the others
-                log.exception("command work row %s failed", row.id)
-                with self.store.write() as conn:
-                    queue.fail(conn, work, row.id, self.claimer, now=self.clock.now(),
-                               error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
-        return progress
+    def handle(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
+        self._handle(self._read(row), progress)
 
     def _read(self, row: Row[tuple[object, ...]]) -> Reply:
         with self.store.read() as conn:

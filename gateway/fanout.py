@@ -23,6 +23,7 @@ from gateway.facts import message_facts
 from gateway.lists import MailingList
 from gateway.queue import Claimer
 from gateway.routing import Stage
+from gateway.rowstage import RowStage
 from gateway.schema import Mode, members, messages, work
 from gateway.signing import PLACEHOLDER
 from gateway.store import Store
@@ -44,7 +45,7 @@ _MEMBERS_AFTER = (
 )
 
 
-class Fanout:
+class Fanout(RowStage):
     stage = Stage.FANOUT
 
     def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, templates: Templates,
@@ -65,22 +66,8 @@ class Fanout:
         self.retry_delay = retry_delay
         self.batch = batch
 
-    def run_once(self, progress: Progress | None = None) -> Progress:
-        rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, stage=self.stage.value)
-        progress = progress or Progress()
-        progress.worked += len(rows)
-        for row in rows:
-            try:
-                self._fan_out(row, progress)
-            except LeaseLost:
-                log.warning("lease lost on fanout work row %s; another worker has it", row.id)
-            except Exception as exc:  # one bad row must not stop the others
-                log.exception("fanout of work row %s failed", row.id)
-                with self.store.write() as conn:
-                    queue.fail(conn, work, row.id, self.claimer, now=self.clock.now(),
-                               error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
-        return progress
+    def handle(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
+        self._fan_out(row, progress)
 
     def _fan_out(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
         with self.store.read() as conn:

@@ -21,6 +21,7 @@ from gateway.facts import message_facts
 from gateway.message import split
 from gateway.queue import Claimer
 from gateway.routing import Stage
+from gateway.rowstage import RowStage
 from gateway.schema import RoleName, messages, work
 from gateway.store import Store
 from gateway.worker import Progress
@@ -28,7 +29,7 @@ from gateway.worker import Progress
 log = logging.getLogger(__name__)
 
 
-class Owner:
+class Owner(RowStage):
     stage = Stage.OWNER
 
     def __init__(self, store: Store, *, clock: Clock, claimer: Claimer, hostname: str,
@@ -40,22 +41,8 @@ class Owner:
         self.retry_delay = retry_delay
         self.batch = batch
 
-    def run_once(self, progress: Progress | None = None) -> Progress:
-        rows = queue.take(self.store, work, self.claimer, now=self.clock.now(),
-                          limit=self.batch, stage=self.stage.value)
-        progress = progress or Progress()
-        progress.worked += len(rows)
-        for row in rows:
-            try:
-                self._forward(row, progress)
-            except LeaseLost:
-                log.warning("lease lost on owner work row %s; another worker has it", row.id)
-            except Exception as exc:  # one bad row must not stop the others
-                log.exception("forwarding work row %s to owners failed", row.id)
-                with self.store.write() as conn:
-                    queue.fail(conn, work, row.id, self.claimer, now=self.clock.now(),
-                               error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
-        return progress
+    def handle(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
+        self._forward(row, progress)
 
     def _forward(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
         now = self.clock.now()
