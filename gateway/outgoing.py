@@ -25,7 +25,7 @@ class Kind(enum.Enum):
 _ADD_CONTENT = contents.insert().returning(contents.c.id)
 _ENQUEUE = outbound.insert()
 _unused: sa.BindParameter[int] = sa.bindparam("content_id")
-_DROP_UNUSED_CONTENT = sa.delete(contents).where(
+DROP_UNUSED_CONTENT = sa.delete(contents).where(
     contents.c.id == _unused,
     ~sa.exists().where(outbound.c.content_id == _unused),
     ~sa.exists().where(work.c.content_id == _unused),
@@ -81,4 +81,4 @@ def send(conn: Connection, data: bytes, *, envelope_from: str, recipients: Seque
 def drop_unused_content(conn: Connection, content_id: int) -> None:
     """Delete content that no outbound row, no unfinished work and no digest batch still
     being sent needs (a sent batch just loses its pointer)."""
-    conn.execute(_DROP_UNUSED_CONTENT, {"content_id": content_id})
+    conn.execute(DROP_UNUSED_CONTENT, {"content_id": content_id})

@@ -173,6 +173,9 @@ work = Table(
     Column("content_id", Id, ForeignKey("contents.id"), nullable=True),
     *_queue_columns(),
     Index(None, "stage", "state", "due_at"),
+    # Deleting a content checks that no row points to it (outgoing.drop_unused_content,
+    # and the foreign keys): by index, not by reading every row of a backlog.
+    Index(None, "content_id"),
     sqlite_autoincrement=True,
 )
 
@@ -331,6 +334,9 @@ digest_batches = Table(
     Column("html_content_id", Id, ForeignKey("contents.id", ondelete="SET NULL"), nullable=True),
     UniqueConstraint("list_id", "volume", "number"),
     Index(None, "list_id", "state"),
+    Index(None, "mime_content_id"),
+    Index(None, "plain_content_id"),
+    Index(None, "html_content_id"),
     # At most one open batch per list, even with several gateways adding posts at once.
     Index("uq_digest_batches_one_open", "list_id", unique=True,
           sqlite_where=text("state = 'open'"), postgresql_where=text("state = 'open'")),

@@ -31,7 +31,7 @@ log = logging.getLogger(__name__)
 _MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 # The newest revision in gateway/migrations, which the daemon checks the store against
 # at start without loading Alembic (~11 MB a process); a test holds the two together.
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 # How long a SQLite writer waits for its turn before the store counts as unavailable.
 SQLITE_BUSY_TIMEOUT = 30
 

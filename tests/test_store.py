@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext
 
-from gateway import queue
+from gateway import outgoing, queue
 from gateway.clock import ManualClock
 from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
 from gateway.queue import Claimer
@@ -95,6 +95,27 @@ def test_store_migration_builds_exactly_the_schema(store: Store) -> None:
     with store.read() as conn:
         names = set(sa.inspect(conn).get_table_names())
     assert set(metadata.tables) <= names
+
+
+def test_store_dropping_unused_content_reads_no_table_whole(store: Store) -> None:
+    """After each delivery, content that nothing needs any more is deleted. Its checks
+    (the statement's, and on SQLite the foreign keys') must go by index: a scan of
+    ``work`` made each delete cost 7.9 ms with 100,000 rows queued (33 us by index)."""
+    with store.write() as conn:
+        compiled = outgoing.DROP_UNUSED_CONTENT.compile(dialect=conn.dialect)
+        values = compiled.construct_params({"content_id": 1})
+        args = tuple(values[k] for k in compiled.positiontup or ()) if compiled.positional \
+            else values
+        if store.is_sqlite:
+            plan = [str(r[3]) for r in conn.exec_driver_sql(f"EXPLAIN QUERY PLAN {compiled}",
+                                                            args)]
+            scans = [step for step in plan if step.startswith("SCAN ")]
+        else:
+            conn.exec_driver_sql("SET LOCAL enable_seqscan = off")
+            plan = [str(r[0]) for r in conn.exec_driver_sql(f"EXPLAIN {compiled}", args)]
+            scans = [step for step in plan if "Seq Scan" in step]
+    assert any("work" in step for step in plan), plan
+    assert scans == [], plan
 
 
 def test_store_upgrade_is_idempotent(store: Store) -> None:
