@@ -9,7 +9,10 @@
 # untimed posts, sends POSTS posts of 1 KiB with `smtp-source -d -s 4` and waits until
 # nothing is queued. Prints intake posts/s, the time until idle, and per process
 # (supervisor first) the CPU seconds (user + system, /proc/PID/stat) used while the
-# posts came in and until idle, and per post. Environment as for sut-listgate.sh, e.g.
+# posts came in and until idle, and per post; then, while the posts came in, each
+# thread that used CPU (a process's main thread runs its event loop; intake's other
+# busy thread is the one that commits), and each CPU's busy, idle and I/O-wait time
+# (/proc/stat). Environment as for sut-listgate.sh, e.g.
 # LISTGATE_DAEMON_PIN_CPUS=false to let the kernel move the processes between CPUs.
 set -euo pipefail
 
@@ -40,11 +43,17 @@ trap '"$SUT" stop >/dev/null 2>&1 || true; kill $SINK 2>/dev/null || true' EXIT
 MAIN="$("$SUT" pids | head -1)"
 PIDS=("$MAIN" $(pgrep -P "$MAIN" | sort -n || true))
 ticks() { for p in "${PIDS[@]}"; do awk '{printf "%d ", $14 + $15}' "/proc/$p/stat"; done; }
+# "PID TID user system" for every thread of every process; "cpuN busy idle iowait".
+threads() { for p in "${PIDS[@]}"; do for t in /proc/"$p"/task/*; do
+    awk -v p="$p" '{print p, $1, $14, $15}' "$t/stat" 2>/dev/null || true; done; done; }
+cpus() { awk '/^cpu[0-9]/ {print $1, $2 + $3 + $4 + $7 + $8 + $9, $5, $6}' /proc/stat; }
 HZ="$(getconf CLK_TCK)"
 
+threads >"$PEERS_DIR/threads.0"; cpus >"$PEERS_DIR/cpus.0"
 before=($(ticks)); t0="$(date +%s.%N)"
 "${SOURCE[@]}" -m "$POSTS" "127.0.0.1:$POST_PORT"
 t1="$(date +%s.%N)"; taken=($(ticks))
+threads >"$PEERS_DIR/threads.1"; cpus >"$PEERS_DIR/cpus.1"
 "$SUT" wait-idle 600 >/dev/null
 t2="$(date +%s.%N)"; idle=($(ticks))
 
@@ -58,3 +67,14 @@ for i in "${!PIDS[@]}"; do
         printf "%-20s pid %-7s CPU %.2f s while taking posts, %.2f s until idle: %.2f ms a post\n",
                r, p, (y - x) / hz, (z - x) / hz, (z - x) / hz * 1000 / n }'
 done
+echo "while taking posts, threads that used CPU (user + system):"
+awk -v hz="$HZ" -v n="$POSTS" 'NR == FNR { u[$2] = $3; s[$2] = $4; next }
+    ($2 in u) && ($3 + $4 > u[$2] + s[$2]) {
+        printf "  pid %-7s thread %-7s %-11s user %.2f s, system %.2f s: %.0f us a post\n",
+               $1, $2, ($1 == $2 ? "(main)" : ""), ($3 - u[$2]) / hz, ($4 - s[$2]) / hz,
+               ($3 + $4 - u[$2] - s[$2]) / hz * 1e6 / n }' \
+    "$PEERS_DIR/threads.0" "$PEERS_DIR/threads.1"
+echo "while taking posts, each CPU:"
+awk -v hz="$HZ" 'NR == FNR { b[$1] = $2; i[$1] = $3; w[$1] = $4; next }
+    { printf "  %-5s busy %.2f s, idle %.2f s, I/O wait %.2f s\n", $1, ($2 - b[$1]) / hz,
+             ($3 - i[$1]) / hz, ($4 - w[$1]) / hz }' "$PEERS_DIR/cpus.0" "$PEERS_DIR/cpus.1"
