@@ -67,9 +67,6 @@ class Fanout(RowStage):
         self.batch = batch
 
     def handle(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
-        self._fan_out(row, progress)
-
-    def _fan_out(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
         with self.store.read() as conn:
             lst = lists.by_id(conn, row.list_id) if row.list_id is not None else None
             message_id_header = None if lst is None or row.content_id is None else \

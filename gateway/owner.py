@@ -42,9 +42,6 @@ class Owner(RowStage):
         self.batch = batch
 
     def handle(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
-        self._forward(row, progress)
-
-    def _forward(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
         now = self.clock.now()
         with self.store.write() as conn:
             if not queue.complete(conn, work, row.id, self.claimer):
