@@ -204,15 +204,9 @@ class Commands(RowStage):
 
     def _poster(self, r: Reply, lst: MailingList, token: tokens.Token,
                 progress: Progress) -> None:
-        sender = r.facts.author or ""
-        if sender != token.address or not same_sender(sender, r.envelope.mail_from):
-            self._finish(r, lst, "confirm-refused",
-                         f"{sender or 'no From'} is not the poster this token was sent to")
-            return
-        auth = authentication.verify(r.raw, self.resolver,
-                                     trusted_authserv_ids=self.trusted_authserv_ids)
-        if auth.dmarc == "fail":
-            self._finish(r, lst, "confirm-refused", f"reply from {sender} fails DMARC")
+        sender = self._addressee(r, lst, token, addressee="poster", sent="token",
+                                 reply="reply")
+        if sender is None:
             return
         now = self.clock.now()
         command = find_command(r.raw, frozenset({holds.Verb.WITHDRAW.value}))
@@ -280,16 +274,9 @@ class Commands(RowStage):
     def _subscription(self, r: Reply, lst: MailingList, token: tokens.Token,
                       progress: Progress) -> None:
         """A reply to a confirmation request: the address itself confirms."""
-        sender = r.facts.author or ""
-        if sender != token.address or not same_sender(sender, r.envelope.mail_from):
-            self._finish(r, lst, "confirm-refused",
-                         f"{sender or 'no From'} is not the address this confirmation "
-                         "was sent to")
-            return
-        auth = authentication.verify(r.raw, self.resolver,
-                                     trusted_authserv_ids=self.trusted_authserv_ids)
-        if auth.dmarc == "fail":
-            self._finish(r, lst, "confirm-refused", f"confirmation from {sender} fails DMARC")
+        sender = self._addressee(r, lst, token, addressee="address", sent="confirmation",
+                                 reply="confirmation")
+        if sender is None:
             return
         now = self.clock.now()
         with self.store.write() as conn:
@@ -302,15 +289,9 @@ class Commands(RowStage):
     def _probe(self, r: Reply, lst: MailingList, token: tokens.Token,
                progress: Progress) -> None:
         """A reply to a bounce probe: the member is there after all, so delivery resumes."""
-        sender = r.facts.author or ""
-        if sender != token.address or not same_sender(sender, r.envelope.mail_from):
-            self._finish(r, lst, "confirm-refused",
-                         f"{sender or 'no From'} is not the member this probe was sent to")
-            return
-        auth = authentication.verify(r.raw, self.resolver,
-                                     trusted_authserv_ids=self.trusted_authserv_ids)
-        if auth.dmarc == "fail":
-            self._finish(r, lst, "confirm-refused", f"probe reply from {sender} fails DMARC")
+        sender = self._addressee(r, lst, token, addressee="member", sent="probe",
+                                 reply="probe reply")
+        if sender is None:
             return
         now = self.clock.now()
         with self.store.write() as conn:
@@ -321,6 +302,24 @@ class Commands(RowStage):
         progress.woke(Stage.DELIVERY)
 
     # -- the plumbing ------------------------------------------------------------------
+
+    def _addressee(self, r: Reply, lst: MailingList, token: tokens.Token, *, addressee: str,
+                   sent: str, reply: str) -> str | None:
+        """The reply's sender if it is the address the token was sent to, in From and in
+        the envelope alike, and its DMARC does not fail; else None, and the reply is
+        refused (journaled, nothing answered). The words name who the token was sent to
+        (``addressee``), in what (``sent``), and what came back (``reply``)."""
+        sender = r.facts.author or ""
+        if sender != token.address or not same_sender(sender, r.envelope.mail_from):
+            self._finish(r, lst, "confirm-refused",
+                         f"{sender or 'no From'} is not the {addressee} this {sent} was sent to")
+            return None
+        auth = authentication.verify(r.raw, self.resolver,
+                                     trusted_authserv_ids=self.trusted_authserv_ids)
+        if auth.dmarc == "fail":
+            self._finish(r, lst, "confirm-refused", f"{reply} from {sender} fails DMARC")
+            return None
+        return sender
 
     def _complete(self, conn: Connection, r: Reply) -> None:
         if not queue.complete(conn, work, r.work_id, self.claimer):
