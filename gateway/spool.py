@@ -190,7 +190,7 @@ class Spool:
     def beside(cls, store: Store, *, create: bool = True) -> Spool | None:
         """The spool of a SQLite store (without ``create``, only if its file exists);
         None for PostgreSQL, which needs none."""
-        path = spool_path(store.url) if store.is_sqlite else None
+        path = spool_path(store.url)
         if path is None or not (create or path.exists()):
             return None
         return cls(path)
@@ -339,7 +339,7 @@ def spool_path(url: str) -> Path | None:
 
 def spooled(store: Store) -> int:
     """Posts in the spool of ``store``, read without writing anything (0 if none)."""
-    path = spool_path(store.url) if store.is_sqlite else None
+    path = spool_path(store.url)
     if path is None or not path.exists():
         return 0
     with _translated(path):

@@ -221,9 +221,12 @@ class Store:
 
 
 def sibling_path(url: str, suffix: str) -> Path | None:
-    """A file of ours next to a SQLite database: ``<db><suffix>``; None without a file."""
-    path = sa.engine.make_url(url).database
-    return Path(f"{path}{suffix}") if path else None
+    """A file of ours next to a SQLite database: ``<db><suffix>``; None without a file
+    (PostgreSQL's "database" is a name on a server, not a path here)."""
+    parsed = sa.engine.make_url(url)
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return Path(f"{parsed.database}{suffix}")
 
 
 def write_lock_path(url: str) -> Path | None:
@@ -235,8 +238,7 @@ def write_lock_path(url: str) -> Path | None:
 def doorbell_path(url: str) -> Path | None:
     """Where the running gateway's doorbell is (``gateway.worker.Doorbell``): ``<db>-doorbell``
     next to a SQLite database; None for PostgreSQL (its clients wait for a poll)."""
-    return sibling_path(url, "-doorbell") if sa.engine.make_url(url).get_backend_name() \
-        == "sqlite" else None
+    return sibling_path(url, "-doorbell")
 
 
 def _open_lock_file(url: str, suffix: str) -> int | None:

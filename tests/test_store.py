@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
@@ -28,7 +29,14 @@ from gateway.errors import SchemaOutdated, StoreError, StoreUnavailable
 from gateway.queue import Claimer
 from gateway.routing import Stage
 from gateway.schema import QUEUE_TABLES, State, contents, lists, metadata, outbound, work
-from gateway.store import SCHEMA_REVISION, Store, normalise_url, write_lock_path
+from gateway.store import (
+    SCHEMA_REVISION,
+    Store,
+    doorbell_path,
+    normalise_url,
+    sibling_path,
+    write_lock_path,
+)
 from gateway.worker import Progress, Wakeups, run_stage
 from tests.helpers_unit import add_rows
 from tests.support import REPO
@@ -187,6 +195,17 @@ def test_store_database_errors_become_store_errors(store: Store, clock: ManualCl
         conn.execute(lists.insert().values(**values))
     with pytest.raises(StoreError), store.write() as conn:
         conn.execute(lists.insert().values(**values))
+
+
+@pytest.mark.parametrize("url", ["postgresql+psycopg://postgres@127.0.0.1/listgate",
+                                 "postgresql+psycopg://postgres@127.0.0.1:5432/var/lib/x.db"])
+def test_store_files_beside_the_database_exist_only_for_sqlite(url: str) -> None:
+    # A PostgreSQL database's name is no path here: no spool, lock file or doorbell
+    # in the working directory named after it.
+    assert sibling_path(url, "-spool") is None
+    assert write_lock_path(url) is None
+    assert doorbell_path(url) is None
+    assert sibling_path("sqlite:////var/lib/x.db", "-spool") == Path("/var/lib/x.db-spool")
 
 
 def test_store_refuses_in_memory_sqlite() -> None:
