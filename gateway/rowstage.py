@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import logging
 from typing import ClassVar
 
@@ -19,7 +20,7 @@ from gateway.worker import Progress
 log = logging.getLogger(__name__)
 
 
-class RowStage:
+class RowStage(abc.ABC):
     """A stage whose round claims up to ``batch`` of its due ``work`` rows (of ``roles``,
     if any) and hands each to ``handle``. A row whose handling raises is failed: tried
     again after ``retry_delay``, parked once it has used its attempts; the others go on.
@@ -52,5 +53,8 @@ class RowStage:
                                error=f"{type(exc).__name__}: {exc}", retry_delay=self.retry_delay)
         return progress
 
+    @abc.abstractmethod
     def handle(self, row: Row[tuple[object, ...]], progress: Progress) -> None:
-        raise NotImplementedError
+        """Do what ``row`` asks, completing it in the store (``queue.complete``) in the
+        transaction that records the outcome; raise ``LeaseLost`` if that finds the row
+        no longer ours."""
