@@ -63,6 +63,11 @@ class Settings:
     username: str = ""
     password: str = ""
     tls_context: ssl.SSLContext | None = None
+    # Seconds a connection may sit unused and still be used again (Postfix's
+    # smtp_connection_cache_time_limit, 2 s). The server ends a session idle past its
+    # own timeout, and a firewall may drop one silently: reusing such a connection
+    # fails the delivery (or waits out `timeout`) where a new one would have worked.
+    reuse_idle: float = 2.0
 
 
 MAX_LINE = 998  # RFC 5321 4.5.3.1.6, not counting CRLF

@@ -38,7 +38,7 @@ class SMTPTransport:
 
     def __init__(self, settings: Settings, *, size: int) -> None:
         self.settings = settings
-        self._idle: list[SMTPClient] = []
+        self._idle: list[tuple[float, SMTPClient]] = []  # (back in the pool at, connection)
         self._slots = asyncio.Semaphore(size)
 
     def describe(self) -> str:
@@ -49,7 +49,7 @@ class SMTPTransport:
         """A connection from the pool (or a new one), back in the pool afterwards unless
         something other than a 5xx went wrong on it."""
         async with self._slots:
-            client = self._idle.pop() if self._idle else SMTPClient(self.settings)
+            client = await self._fresh() or SMTPClient(self.settings)
             try:
                 yield client
             except PermanentDeliveryError:
@@ -72,13 +72,28 @@ class SMTPTransport:
         except TransientDeliveryError as exc:  # could not even connect
             return [exc] * len(items)
 
+    async def _fresh(self) -> SMTPClient | None:
+        """The pool's most recently used connection, unless it has been idle for
+        ``reuse_idle`` seconds or more; the stale ones are closed on the way (without a
+        QUIT: the server may be gone, and would keep us waiting for its reply)."""
+        now = asyncio.get_running_loop().time()
+        while self._idle:
+            since, client = self._idle.pop()
+            if now - since < self.settings.reuse_idle:
+                return client
+            await client.close()
+        return None
+
     def _keep(self, client: SMTPClient) -> None:
         if client.connected:
-            self._idle.append(client)
+            self._idle.append((asyncio.get_running_loop().time(), client))
 
     async def close(self) -> None:
+        """QUIT the fresh connections; close the stale ones (see ``_fresh``)."""
         idle, self._idle = self._idle, []
-        await asyncio.gather(*(c.quit() for c in idle), return_exceptions=True)
+        now = asyncio.get_running_loop().time()
+        await asyncio.gather(*(c.quit() if now - since < self.settings.reuse_idle else c.close()
+                               for since, c in idle), return_exceptions=True)
 
 
 class OutboxTransport:

@@ -76,6 +76,7 @@ class SinkHandler:
     """Records what it accepts; replies can be scripted per recipient or per transaction."""
 
     messages: list[Received] = field(default_factory=list)
+    sessions: int = 0  # EHLOs: the connections clients opened (and began)
     rcpt_replies: dict[str, str] = field(default_factory=dict)
     data_reply: str | None = None
     mail_reply: str | None = None
@@ -86,6 +87,7 @@ class SinkHandler:
     async def handle_EHLO(self, server: SMTP, session: Any, envelope: Any, hostname: str,
                           responses: list[str]) -> list[str]:
         session.host_name = hostname
+        self.sessions += 1
         # aiosmtpd reads commands one at a time from its stream, so it handles
         # pipelined clients; advertise it so our client's pipelining is exercised.
         return [*responses[:-1], "250-PIPELINING", responses[-1]]
@@ -128,14 +130,15 @@ class SinkHandler:
 class Sink:
     """A real SMTP server on loopback standing in for the smarthost."""
 
-    def __init__(self, port: int | None = None) -> None:
+    def __init__(self, port: int | None = None, *, timeout: float = 300) -> None:
         self.port = port or free_port()
         self.handler = SinkHandler()
+        self.timeout = timeout  # idle seconds before it says 421 and hangs up, as MTAs do
         self._controller: Controller | None = None
 
     def start(self) -> Sink:
         self._controller = Controller(self.handler, hostname="127.0.0.1", port=self.port,
-                                      data_size_limit=50 * 1024 * 1024)
+                                      data_size_limit=50 * 1024 * 1024, timeout=self.timeout)
         self._controller.start()
         return self
 

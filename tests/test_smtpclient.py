@@ -338,6 +338,31 @@ def test_smtpclient_transport_survives_a_smarthost_restart(sink: Sink) -> None:
     assert [r for r, _d in sink.handler.copies()] == ["a@example.net", "c@example.net"]
 
 
+def test_smtpclient_transport_reuses_a_connection_only_while_it_is_fresh() -> None:
+    """An MTA hangs up on a session idle past its timeout (Postfix: 300 s, with a 421).
+    A connection idle in the pool longer than ``reuse_idle`` is not used again: the next
+    delivery opens a new one instead of failing on the dead one and waiting a retry."""
+    sink = Sink(timeout=1.0).start()
+    transport = SMTPTransport(settings(sink.port, reuse_idle=0.5), size=1)
+
+    async def main() -> None:
+        try:
+            await transport.send(SENDER, ["a@example.net"], MESSAGE)
+            await transport.send(SENDER, ["b@example.net"], MESSAGE)  # at once: reused
+            await asyncio.sleep(1.5)  # the sink has said 421 and closed its end
+            await transport.send(SENDER, ["c@example.net"], MESSAGE)
+        finally:
+            await transport.close()
+
+    try:
+        asyncio.run(main())
+    finally:
+        sink.stop()
+    assert [r for r, _d in sink.handler.copies()] == [
+        "a@example.net", "b@example.net", "c@example.net"]
+    assert sink.handler.sessions == 2
+
+
 def test_smtpclient_build_picks_the_transport(tmp_path: Path) -> None:
     smtp = build(DeliveryConfig(smarthost="smtp://127.0.0.1:2525", helo_name="gw.example"),
                  hostname="lists.test")
