@@ -310,7 +310,8 @@ class Delivery:
                                              result.text)
                 else:
                     refused.update(result.refused)
-                    reply = result.reply
+                    if address not in result.refused:  # the reply to a copy it took
+                        reply = result.reply
         return Outcome(refused, reply)
 
     def _load_content(self, content_id: int) -> Content:

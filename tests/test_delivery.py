@@ -118,6 +118,23 @@ def test_delivery_refused_recipient_is_recorded_and_not_retried(
     assert failure.list_id == lst.id
 
 
+def test_delivery_personal_copies_log_the_reply_to_a_delivered_copy(
+        config_path: Path, sink: Sink, store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    """One transaction per member: the "delivered" line quotes the smarthost's reply to
+    a copy it took, not the refusal of whichever member came last."""
+    with store.write() as conn:
+        lists.update(conn, lists.get(conn, LIST), personalize=True)
+    sink.handler.rcpt_replies[CAROL] = "550 5.1.1 <carol@example.net>: Recipient address rejected"
+    caplog.set_level("INFO", logger="gateway.delivery")
+    with gateway(config_path) as gw:
+        gw.send(ALICE, LIST, post(ALICE, LIST, "Refused for the last one"))
+        sink.wait_for(2)
+        queue_empty(store)
+    assert sorted(r for r, _d in sink.handler.copies()) == [ALICE, BOB]
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("delivered")]
+    assert line.endswith("rcpts=2 failed=1: 2.0.0 Ok: queued"), line
+
+
 def test_delivery_whole_transaction_deferred_then_delivered(
         config_path: Path, sink: Sink, store: Store) -> None:
     clock = ManualClock()
