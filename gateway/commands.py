@@ -28,7 +28,7 @@ from gateway.clock import Clock
 from gateway.errors import LeaseLost
 from gateway.facts import Envelope, MessageFacts, message_facts, why_not_notify
 from gateway.lists import MailingList
-from gateway.notices import Notice
+from gateway.notices import Notice, reply_subject
 from gateway.notices import queue as queue_notice
 from gateway.policy import Policies
 from gateway.queue import Claimer
@@ -347,7 +347,7 @@ class Commands(RowStage):
             mailing_list=lst.identity, outcome=outcome,
             owner_address=lst.identity.address("owner"),
             **{"held": None, "note": "", "sender": to, "why": "", "envelope": "", **context})
-        queue_notice(conn, Notice(to=to, subject=f"Re: {r.facts.subject or 'moderation'}",
+        queue_notice(conn, Notice(to=to, subject=reply_subject(r.facts.subject, "moderation"),
                                   text=text, in_reply_to=r.facts.message_id),
                      lst.identity, list_id=lst.id, message_id=r.message_id,
                      now=self.clock.now())
@@ -360,7 +360,7 @@ class Commands(RowStage):
                                      mailing_list=lst.identity, outcome=outcome,
                                      subject=record.subject, state=record.state.value)
         queue_notice(conn, Notice(to=r.envelope.mail_from,
-                                  subject=f"Re: {r.facts.subject or 'your held post'}",
+                                  subject=reply_subject(r.facts.subject, "your held post"),
                                   text=text, in_reply_to=r.facts.message_id),
                      lst.identity, list_id=lst.id, message_id=r.message_id,
                      now=self.clock.now())

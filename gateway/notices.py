@@ -32,6 +32,17 @@ class Notice:
     html: str | None = None
 
 
+def reply_subject(subject: str | None, default: str) -> str:
+    """The subject of a notice answering a message: "Re: " and its subject, or
+    ``default`` when it had none; one "Re: " however many the answered one had
+    (RFC 5322 3.6.5)."""
+    topic = _REPLY_MARKERS.sub("", subject or "").strip() or default
+    return f"Re: {topic}"
+
+
+_REPLY_MARKERS = re.compile(r"^(?:\s*re\s*:\s*)+", re.IGNORECASE)
+
+
 def _one_line(text: str) -> str:
     """Header text as one line. A subject quoted from a sender may hold CR or LF (an
     encoded word can carry them): as words they are harmless, as line breaks they could

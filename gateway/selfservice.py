@@ -21,7 +21,7 @@ from sqlalchemy.engine import Connection
 from gateway import lists, tokens
 from gateway.errors import Conflict, NotFound
 from gateway.lists import MailingList
-from gateway.notices import Notice, queue
+from gateway.notices import Notice, queue, reply_subject
 from gateway.replytext import own_text
 from gateway.schema import Mode, RoleName
 from gateway.schema import tokens as tokens_table
@@ -186,6 +186,6 @@ def reply(conn: Connection, lst: MailingList, requester: Requester, *, subject: 
           message_id: int | None) -> None:
     text = templates.render("notices/request-reply.txt.j2", list_address=lst.address,
                             mailing_list=lst.identity, results=requester.results)
-    queue(conn, Notice(to=requester.address, subject=f"Re: {subject or 'your request'}",
+    queue(conn, Notice(to=requester.address, subject=reply_subject(subject, "your request"),
                        text=text, in_reply_to=in_reply_to),
           lst.identity, list_id=lst.id, message_id=message_id, now=now)

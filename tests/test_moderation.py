@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from gateway import lists, resources
 from gateway.authentication import Resolver, Signer
 from gateway.clock import ManualClock
+from gateway.notices import reply_subject
 from gateway.replytext import Command, find_command
 from gateway.schema import RoleName, held, journal, outbound
 from gateway.schema import work as work_table
@@ -98,6 +99,19 @@ def run(moderated: Path, keys: Keys, **kw: object) -> object:
     return gateway(moderated, resolver=Resolver(records=keys.resolver_records), **kw)  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize("subject, expected", [
+    ("Re: [Discuss] Held for moderation", "Re: [Discuss] Held for moderation"),
+    ("RE: re:Re : held", "Re: held"),
+    ("held", "Re: held"),
+    ("Fwd: held", "Re: Fwd: held"),
+    ("Re:", "Re: moderation"),
+    ("", "Re: moderation"),
+    (None, "Re: moderation"),
+])
+def test_moderation_answers_carry_one_reply_marker(subject: str | None, expected: str) -> None:
+    assert reply_subject(subject, "moderation") == expected
+
+
 # -- the round trip ------------------------------------------------------------------------
 
 def test_moderation_first_post_is_held_then_released_by_a_signed_reply(
@@ -118,6 +132,7 @@ def test_moderation_first_post_is_held_then_released_by_a_signed_reply(
         wait_until(lambda: delivered_post_count(sink) == len(MEMBERS), what="the release")
         confirmation = wait_for_mail(sink, MODERATOR, 2)[-1]
         assert "is now approved" in confirmation.get_body(("plain",)).get_content()
+        assert confirmation["Subject"] == "Re: held"  # the reply's "Re: held", answered
         assert held_states(store) == ["approved"]
 
         # One approved post is enough: the next one goes straight through.
