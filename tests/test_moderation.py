@@ -248,6 +248,11 @@ def test_moderation_forged_releases_change_nothing(moderated: Path, keys: Keys, 
         assert "is not a moderator" in refusals
         assert "not authenticated" in refusals
         assert "envelope sender" in refusals
+        # The moderator's own address is told why, and where to turn, line by line.
+        wait_until(lambda: any(
+            "ask the list's owners:\r\ndiscuss-owner@example.org\r\n"
+            in m.get_body(("plain",)).get_content() for m in messages_to(sink, MODERATOR)),
+            what="the moderator's answer")
         # The real moderator can still decide: no forgery spent the token.
         gw.send(MODERATOR, confirm, reply(MODERATOR, confirm, "discard\n", signer=keys.mods))
         wait_until(lambda: held_states(store) == ["discarded"], what="the real decision")
