@@ -325,6 +325,14 @@ class SMTPClient:
                 pass
         await self.close()
 
+    def abandon(self) -> None:
+        """Drop the connection at once, without a word or a TLS goodbye: for one the
+        server may have left, which would keep a polite close waiting."""
+        writer, self._writer, self._reader = self._writer, None, None
+        self._buffer.clear()
+        if writer is not None:
+            writer.transport.abort()
+
     async def close(self) -> None:
         writer, self._writer, self._reader = self._writer, None, None
         self._buffer.clear()

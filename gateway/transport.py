@@ -49,7 +49,7 @@ class SMTPTransport:
         """A connection from the pool (or a new one), back in the pool afterwards unless
         something other than a 5xx went wrong on it."""
         async with self._slots:
-            client = await self._fresh() or SMTPClient(self.settings)
+            client = self._fresh() or SMTPClient(self.settings)
             try:
                 yield client
             except PermanentDeliveryError:
@@ -72,16 +72,16 @@ class SMTPTransport:
         except TransientDeliveryError as exc:  # could not even connect
             return [exc] * len(items)
 
-    async def _fresh(self) -> SMTPClient | None:
+    def _fresh(self) -> SMTPClient | None:
         """The pool's most recently used connection, unless it has been idle for
-        ``reuse_idle`` seconds or more; the stale ones are closed on the way (without a
-        QUIT: the server may be gone, and would keep us waiting for its reply)."""
+        ``reuse_idle`` seconds or more; the stale ones are dropped on the way (see
+        ``SMTPClient.abandon``)."""
         now = asyncio.get_running_loop().time()
         while self._idle:
             since, client = self._idle.pop()
             if now - since < self.settings.reuse_idle:
                 return client
-            await client.close()
+            client.abandon()
         return None
 
     def _keep(self, client: SMTPClient) -> None:
@@ -89,11 +89,11 @@ class SMTPTransport:
             self._idle.append((asyncio.get_running_loop().time(), client))
 
     async def close(self) -> None:
-        """QUIT the fresh connections; close the stale ones (see ``_fresh``)."""
-        idle, self._idle = self._idle, []
-        now = asyncio.get_running_loop().time()
-        await asyncio.gather(*(c.quit() if now - since < self.settings.reuse_idle else c.close()
-                               for since, c in idle), return_exceptions=True)
+        """QUIT the fresh connections; drop the stale ones (see ``_fresh``)."""
+        fresh = []
+        while (client := self._fresh()) is not None:
+            fresh.append(client)
+        await asyncio.gather(*(c.quit() for c in fresh), return_exceptions=True)
 
 
 class OutboxTransport:
